@@ -1,0 +1,177 @@
+// The one registration unit: declares the raw-kernel ops of namespace `zsqfast_ext` and binds them to the
+// CPU kernels (and, built with ZSQFAST_WITH_CUDA, to the CUDA kernels). The public `zsqfast::*` ops are
+// declared in Python (zsqfast/ops); their CPU/CUDA kernels call these after preparing the kernel contract
+// (dense input, fp32 (C,) scales, channel geometry).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+#ifdef ZSQFAST_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace zsqfast {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: TORCH_CHECK(false, "zsqfast: kernels take float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+void check_params(const at::Tensor& x, std::initializer_list<const at::Tensor*> params, int64_t C) {
+  for (const at::Tensor* p : params) {
+    TORCH_CHECK(p->scalar_type() == at::kFloat && p->is_contiguous() && p->numel() == C,
+                "zsqfast: per-channel parameters must be contiguous float32 of ", C, " elements");
+    TORCH_CHECK(p->device() == x.device(), "zsqfast: parameters must be on ", x.device());
+  }
+}
+
+template <class F>
+void run(const at::Tensor& x, F&& cpu_fn, [[maybe_unused]] F&& cuda_fn) {
+  if (x.device().is_cpu()) {
+    cpu_fn(nullptr);
+    return;
+  }
+#ifdef ZSQFAST_WITH_CUDA
+  c10::cuda::CUDAGuard guard(x.device());
+  cuda_fn(c10::cuda::getCurrentCUDAStream().stream());
+#else
+  TORCH_CHECK(false, "zsqfast: built without CUDA");
+#endif
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quant(const at::Tensor& x, const at::Tensor& scale,
+                                              const at::Tensor& inv_scale, const at::Tensor& zero_point,
+                                              int64_t qmin, int64_t qmax, int64_t inner, int64_t C,
+                                              bool need_mask) {
+  check_params(x, {&scale, &inv_scale, &zero_point}, C);
+  TORCH_CHECK(inner >= 1 && C >= 1, "zsqfast: bad channel geometry");
+  at::Tensor out = at::empty_like(x);  // dense x: empty_like keeps its strides
+  const int64_t n = x.numel();
+  at::Tensor mask = at::empty({need_mask ? (n + 7) / 8 : 0}, x.options().dtype(at::kByte));
+  uint8_t* m = need_mask ? mask.data_ptr<uint8_t>() : nullptr;
+  const DType dt = dtype_of(x);
+  auto cpu_fn = [&](void*) {
+    cpu::fake_quant_fwd(dt, x.data_ptr(), out.data_ptr(), m, n, scale.data_ptr<float>(),
+                        inv_scale.data_ptr<float>(), zero_point.data_ptr<float>(), inner, C, float(qmin),
+                        float(qmax));
+  };
+#ifdef ZSQFAST_WITH_CUDA
+  auto cuda_fn = [&](void* stream) {
+    cuda::fake_quant_fwd(dt, x.data_ptr(), out.data_ptr(), m, n, scale.data_ptr<float>(),
+                         inv_scale.data_ptr<float>(), zero_point.data_ptr<float>(), inner, C, float(qmin),
+                         float(qmax), stream);
+  };
+  if (x.is_cuda()) { run(x, cuda_fn, cuda_fn); return {out, mask}; }
+#endif
+  run(x, cpu_fn, cpu_fn);
+  return {out, mask};
+}
+
+at::Tensor fake_quant_backward(const at::Tensor& grad, const at::Tensor& mask) {
+  const int64_t n = grad.numel();
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.numel() == (n + 7) / 8,
+              "zsqfast: mask must be contiguous uint8 of ceil(numel/8) bytes");
+  at::Tensor out = at::empty_like(grad);
+  const DType dt = dtype_of(grad);
+#ifdef ZSQFAST_WITH_CUDA
+  if (grad.is_cuda()) {
+    auto f = [&](void* s) { cuda::fake_quant_bwd(dt, grad.data_ptr(), mask.data_ptr<uint8_t>(), out.data_ptr(), n, s); };
+    run(grad, f, f);
+    return out;
+  }
+#endif
+  TORCH_CHECK(grad.device().is_cpu(), "zsqfast: this build has no kernel for ", grad.device());
+  cpu::fake_quant_bwd(dt, grad.data_ptr(), mask.data_ptr<uint8_t>(), out.data_ptr(), n);
+  return out;
+}
+
+at::Tensor lsq_fake_quant(const at::Tensor& x, const at::Tensor& step, const at::Tensor& inv_step,
+                          int64_t qmin, int64_t qmax, int64_t inner, int64_t C) {
+  check_params(x, {&step, &inv_step}, C);
+  at::Tensor out = at::empty_like(x);
+  const DType dt = dtype_of(x);
+#ifdef ZSQFAST_WITH_CUDA
+  if (x.is_cuda()) {
+    auto f = [&](void* s) {
+      cuda::lsq_fwd(dt, x.data_ptr(), out.data_ptr(), x.numel(), step.data_ptr<float>(),
+                    inv_step.data_ptr<float>(), inner, C, float(qmin), float(qmax), s);
+    };
+    run(x, f, f);
+    return out;
+  }
+#endif
+  TORCH_CHECK(x.device().is_cpu(), "zsqfast: this build has no kernel for ", x.device());
+  cpu::lsq_fwd(dt, x.data_ptr(), out.data_ptr(), x.numel(), step.data_ptr<float>(), inv_step.data_ptr<float>(),
+               inner, C, float(qmin), float(qmax));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> lsq_fake_quant_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                           const at::Tensor& step, const at::Tensor& inv_step,
+                                                           int64_t qmin, int64_t qmax, int64_t inner,
+                                                           int64_t C, double grad_scale) {
+  check_params(x, {&step, &inv_step}, C);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.strides() == x.strides() && grad.scalar_type() == x.scalar_type(),
+              "zsqfast: grad must have x's shape, strides and dtype");
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor grad_step = at::empty({C}, step.options());
+  const DType dt = dtype_of(x);
+#ifdef ZSQFAST_WITH_CUDA
+  if (x.is_cuda()) {
+    auto f = [&](void* s) {
+      cuda::lsq_bwd(dt, grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), grad_step.data_ptr<float>(), x.numel(),
+                    step.data_ptr<float>(), inv_step.data_ptr<float>(), inner, C, float(qmin), float(qmax),
+                    float(grad_scale), s);
+    };
+    run(x, f, f);
+    return {grad_x, grad_step};
+  }
+#endif
+  TORCH_CHECK(x.device().is_cpu(), "zsqfast: this build has no kernel for ", x.device());
+  cpu::lsq_bwd(dt, grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), grad_step.data_ptr<float>(), x.numel(),
+               step.data_ptr<float>(), inv_step.data_ptr<float>(), inner, C, float(qmin), float(qmax),
+               float(grad_scale));
+  return {grad_x, grad_step};
+}
+
+std::string cpu_isa() { return cpu::isa_name(); }
+bool set_cpu_isa(c10::string_view name) { return cpu::force_isa(std::string(name).c_str()); }
+
+}  // namespace
+}  // namespace zsqfast
+
+TORCH_LIBRARY(zsqfast_ext, m) {
+  m.def("fake_quant(Tensor x, Tensor scale, Tensor inv_scale, Tensor zero_point, int qmin, int qmax, int inner, "
+        "int C, bool need_mask) -> (Tensor, Tensor)");
+  m.def("fake_quant_backward(Tensor grad, Tensor mask) -> Tensor");
+  m.def("lsq_fake_quant(Tensor x, Tensor step, Tensor inv_step, int qmin, int qmax, int inner, int C) -> Tensor");
+  m.def("lsq_fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor inv_step, int qmin, int qmax, "
+        "int inner, int C, float grad_scale) -> (Tensor, Tensor)");
+  m.def("cpu_isa() -> str", &zsqfast::cpu_isa);
+  m.def("set_cpu_isa(str name) -> bool", &zsqfast::set_cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(zsqfast_ext, CPU, m) {
+  m.impl("fake_quant", &zsqfast::fake_quant);
+  m.impl("fake_quant_backward", &zsqfast::fake_quant_backward);
+  m.impl("lsq_fake_quant", &zsqfast::lsq_fake_quant);
+  m.impl("lsq_fake_quant_backward", &zsqfast::lsq_fake_quant_backward);
+}
+
+#ifdef ZSQFAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(zsqfast_ext, CUDA, m) {
+  m.impl("fake_quant", &zsqfast::fake_quant);
+  m.impl("fake_quant_backward", &zsqfast::fake_quant_backward);
+  m.impl("lsq_fake_quant", &zsqfast::lsq_fake_quant);
+  m.impl("lsq_fake_quant_backward", &zsqfast::lsq_fake_quant_backward);
+}
+#endif

@@ -1,0 +1,37 @@
+"""Awkward tensors shared by the op tests: odd sizes, non-contiguous views, channels-last, transposes."""
+import torch
+
+
+def awkward_inputs(dtype=torch.float32, seed=0):
+    """``(name, tensor, axis)`` triples covering layouts and per-tensor / per-channel axes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return (torch.randn(*shape, generator=g) * 3).to(dtype)
+
+    cl = r(6, 5, 7, 3).contiguous(memory_format=torch.channels_last)
+    return [
+        ("7x13x5x3/tensor", r(7, 13, 5, 3), None),
+        ("7x13x5x3/axis1", r(7, 13, 5, 3), 1),
+        ("7x13x5x3/axis0", r(7, 13, 5, 3), 0),
+        ("7x13x5x3/axis-1", r(7, 13, 5, 3), -1),
+        ("channels_last/axis1", cl, 1),
+        ("channels_last/tensor", cl, None),
+        ("transposed/axis0", r(33, 17).t(), 0),
+        ("sliced/axis1", r(9, 12, 11)[:, ::2, 1:], 1),
+        ("vector/tensor", r(1001), None),
+        ("one/tensor", r(1), None),
+        ("weight-like/axis0", r(40, 3, 3, 3), 0),
+    ]
+
+
+def with_ties(x: torch.Tensor, scale: torch.Tensor, axis) -> torch.Tensor:
+    """Overwrite every third element with an exact rounding tie (k + 0.5) * scale."""
+    shape = [1] * x.dim()
+    if axis is not None:
+        shape[axis] = -1
+    s = scale.reshape(shape).to(torch.float64)
+    k = torch.randint(-6, 6, x.shape).to(torch.float64)
+    ties = ((k + 0.5) * s).to(x.dtype)
+    keep = (torch.arange(x.numel()).reshape(x.shape) % 3) != 0
+    return torch.where(keep, x, ties)

@@ -1,0 +1,26 @@
+"""zsqfast: fast kernels and algorithms for zero-shot quantization (ZSQ) of vision models.
+
+Public API (see README.md):
+    fake_quantize, minmax_qparams, lsq_fake_quantize      fused fake-quant ops (torch.library)
+    zsqfast.nn: QuantConv2d, QuantLinear, QuantAct         drop-in quantized layers
+    quantize_model                                         swap a model's layers (deep copy)
+    zsqfast.models: cifar_resnet, ...                      model builders and data helpers
+    get_backend / set_backend / use_backend / available_backends   backend control
+"""
+from . import _ext
+from ._backend import available_backends, get_backend, set_backend, use_backend
+from .ops.fake_quantize import fake_quantize
+from .ops.lsq import lsq_fake_quantize
+from .ops.qparams import minmax_qparams
+
+_ext.load_error()  # load the compiled kernels now (warns once, never raises)
+from . import _register_backends  # noqa: E402,F401  (cpp / triton / cuda implementations)
+
+__version__ = "0.1.0"
+__all__ = ["fake_quantize", "lsq_fake_quantize", "minmax_qparams", "available_backends", "get_backend",
+           "set_backend", "use_backend", "cpu_isa"]
+
+
+def cpu_isa() -> str:
+    """The instruction set the C++ CPU kernels use on this machine (``avx512_vnni``, ``avx2``, ``scalar``)."""
+    return _ext.cpu_isa()
