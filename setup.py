@@ -43,7 +43,9 @@ def extensions():
 
     with_cuda = cuda_wanted()
     srcs = [s for s in sources() if with_cuda or not s.endswith(".cu")]
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fvisibility=hidden"]
+    # C++20: torch 2.14's headers need it. -ffp-contract=off: no silent FMA fusion, so the scalar fallback
+    # is bit-identical to the SIMD paths and to the reference.
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-fvisibility=hidden", "-ffp-contract=off"]
     args = dict(extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], include_dirs=[os.path.join(ROOT, "csrc")])
     if with_cuda:
         cxx.append("-DZSQFAST_WITH_CUDA")

@@ -23,7 +23,7 @@ void fake_quant_bwd(DType dt, const void* grad, const uint8_t* mask, void* out, 
 // out[o] = clamp(rne(x[o] * inv_step[c]), qmin, qmax) * step[c]
 void lsq_fwd(DType dt, const void* x, void* out, int64_t n, const float* step, const float* inv_step,
              int64_t inner, int64_t C, float qmin, float qmax);
-// v = x * inv_step[c]; grad_x = (qmin <= v <= qmax) ? grad : 0;
+// v = x * inv_step[c]; grad_x = (v < qmin || v > qmax) ? 0 : grad   (NaN v passes grad);
 // grad_step[c] = grad_scale * sum_{o in c} grad[o] * (v < qmin ? qmin : v > qmax ? qmax : rne(v) - v)
 // grad_step (C floats) is overwritten. Sums are deterministic (fixed chunking, independent of threads).
 void lsq_bwd(DType dt, const void* grad, const void* x, void* grad_x, float* grad_step, int64_t n,
@@ -35,6 +35,8 @@ const char* isa_name();
 // Force the dispatch level ("auto" restores the detected one). Returns false, changing nothing, when the
 // name is unknown or this CPU lacks it. For tests that must cover every code path on one machine.
 bool force_isa(const char* name);
+// Threads the CPU kernels may use (the caller passes at::get_num_threads()).
+void set_num_threads(int n);
 }  // namespace cpu
 
 namespace cuda {

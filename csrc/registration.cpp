@@ -2,6 +2,7 @@
 // CPU kernels (and, built with ZSQFAST_WITH_CUDA, to the CUDA kernels). The public `zsqfast::*` ops are
 // declared in Python (zsqfast/ops); their CPU/CUDA kernels call these after preparing the kernel contract
 // (dense input, fp32 (C,) scales, channel geometry).
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -17,7 +18,9 @@
 namespace zsqfast {
 namespace {
 
+// The storage dtype of t; also hands the CPU kernels torch's current thread count (torch.set_num_threads).
 DType dtype_of(const at::Tensor& t) {
+  cpu::set_num_threads(at::get_num_threads());
   switch (t.scalar_type()) {
     case at::kFloat: return DType::F32;
     case at::kHalf: return DType::F16;
@@ -34,19 +37,21 @@ void check_params(const at::Tensor& x, std::initializer_list<const at::Tensor*> 
   }
 }
 
-template <class F>
-void run(const at::Tensor& x, F&& cpu_fn, [[maybe_unused]] F&& cuda_fn) {
-  if (x.device().is_cpu()) {
-    cpu_fn(nullptr);
-    return;
-  }
 #ifdef ZSQFAST_WITH_CUDA
-  c10::cuda::CUDAGuard guard(x.device());
-  cuda_fn(c10::cuda::getCurrentCUDAStream().stream());
+// The current stream of t's device, with that device made current for the launch.
+struct OnDevice {
+  explicit OnDevice(const at::Tensor& t) : guard(t.device()), stream(c10::cuda::getCurrentCUDAStream().stream()) {}
+  c10::cuda::CUDAGuard guard;
+  void* stream;
+};
+#define ZSQ_CUDA_BRANCH(t, ...) \
+  if ((t).is_cuda()) {          \
+    OnDevice dev(t);            \
+    __VA_ARGS__;                \
+  } else
 #else
-  TORCH_CHECK(false, "zsqfast: built without CUDA");
+#define ZSQ_CUDA_BRANCH(t, ...)
 #endif
-}
 
 std::tuple<at::Tensor, at::Tensor> fake_quant(const at::Tensor& x, const at::Tensor& scale,
                                               const at::Tensor& inv_scale, const at::Tensor& zero_point,
@@ -54,92 +59,55 @@ std::tuple<at::Tensor, at::Tensor> fake_quant(const at::Tensor& x, const at::Ten
                                               bool need_mask) {
   check_params(x, {&scale, &inv_scale, &zero_point}, C);
   TORCH_CHECK(inner >= 1 && C >= 1, "zsqfast: bad channel geometry");
-  at::Tensor out = at::empty_like(x);  // dense x: empty_like keeps its strides
+  at::Tensor out = at::empty_like(x);  // x is dense: empty_like keeps its strides (memory order)
   const int64_t n = x.numel();
   at::Tensor mask = at::empty({need_mask ? (n + 7) / 8 : 0}, x.options().dtype(at::kByte));
   uint8_t* m = need_mask ? mask.data_ptr<uint8_t>() : nullptr;
-  const DType dt = dtype_of(x);
-  auto cpu_fn = [&](void*) {
-    cpu::fake_quant_fwd(dt, x.data_ptr(), out.data_ptr(), m, n, scale.data_ptr<float>(),
-                        inv_scale.data_ptr<float>(), zero_point.data_ptr<float>(), inner, C, float(qmin),
-                        float(qmax));
-  };
-#ifdef ZSQFAST_WITH_CUDA
-  auto cuda_fn = [&](void* stream) {
-    cuda::fake_quant_fwd(dt, x.data_ptr(), out.data_ptr(), m, n, scale.data_ptr<float>(),
-                         inv_scale.data_ptr<float>(), zero_point.data_ptr<float>(), inner, C, float(qmin),
-                         float(qmax), stream);
-  };
-  if (x.is_cuda()) { run(x, cuda_fn, cuda_fn); return {out, mask}; }
-#endif
-  run(x, cpu_fn, cpu_fn);
+  const float *s = scale.data_ptr<float>(), *inv = inv_scale.data_ptr<float>(), *zp = zero_point.data_ptr<float>();
+  ZSQ_CUDA_BRANCH(x, cuda::fake_quant_fwd(dtype_of(x), x.data_ptr(), out.data_ptr(), m, n, s, inv, zp, inner, C,
+                                          float(qmin), float(qmax), dev.stream))
+  cpu::fake_quant_fwd(dtype_of(x), x.data_ptr(), out.data_ptr(), m, n, s, inv, zp, inner, C, float(qmin), float(qmax));
   return {out, mask};
 }
 
 at::Tensor fake_quant_backward(const at::Tensor& grad, const at::Tensor& mask) {
   const int64_t n = grad.numel();
-  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.numel() == (n + 7) / 8,
-              "zsqfast: mask must be contiguous uint8 of ceil(numel/8) bytes");
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.numel() == (n + 7) / 8 &&
+                  mask.device() == grad.device(),
+              "zsqfast: mask must be contiguous uint8 of ceil(numel/8) bytes on the gradient's device");
   at::Tensor out = at::empty_like(grad);
-  const DType dt = dtype_of(grad);
-#ifdef ZSQFAST_WITH_CUDA
-  if (grad.is_cuda()) {
-    auto f = [&](void* s) { cuda::fake_quant_bwd(dt, grad.data_ptr(), mask.data_ptr<uint8_t>(), out.data_ptr(), n, s); };
-    run(grad, f, f);
-    return out;
-  }
-#endif
-  TORCH_CHECK(grad.device().is_cpu(), "zsqfast: this build has no kernel for ", grad.device());
-  cpu::fake_quant_bwd(dt, grad.data_ptr(), mask.data_ptr<uint8_t>(), out.data_ptr(), n);
+  const uint8_t* m = mask.data_ptr<uint8_t>();
+  ZSQ_CUDA_BRANCH(grad, cuda::fake_quant_bwd(dtype_of(grad), grad.data_ptr(), m, out.data_ptr(), n, dev.stream))
+  cpu::fake_quant_bwd(dtype_of(grad), grad.data_ptr(), m, out.data_ptr(), n);
   return out;
 }
 
-at::Tensor lsq_fake_quant(const at::Tensor& x, const at::Tensor& step, const at::Tensor& inv_step,
-                          int64_t qmin, int64_t qmax, int64_t inner, int64_t C) {
+at::Tensor lsq_fake_quant(const at::Tensor& x, const at::Tensor& step, const at::Tensor& inv_step, int64_t qmin,
+                          int64_t qmax, int64_t inner, int64_t C) {
   check_params(x, {&step, &inv_step}, C);
   at::Tensor out = at::empty_like(x);
-  const DType dt = dtype_of(x);
-#ifdef ZSQFAST_WITH_CUDA
-  if (x.is_cuda()) {
-    auto f = [&](void* s) {
-      cuda::lsq_fwd(dt, x.data_ptr(), out.data_ptr(), x.numel(), step.data_ptr<float>(),
-                    inv_step.data_ptr<float>(), inner, C, float(qmin), float(qmax), s);
-    };
-    run(x, f, f);
-    return out;
-  }
-#endif
-  TORCH_CHECK(x.device().is_cpu(), "zsqfast: this build has no kernel for ", x.device());
-  cpu::lsq_fwd(dt, x.data_ptr(), out.data_ptr(), x.numel(), step.data_ptr<float>(), inv_step.data_ptr<float>(),
-               inner, C, float(qmin), float(qmax));
+  const float *s = step.data_ptr<float>(), *inv = inv_step.data_ptr<float>();
+  ZSQ_CUDA_BRANCH(x, cuda::lsq_fwd(dtype_of(x), x.data_ptr(), out.data_ptr(), x.numel(), s, inv, inner, C,
+                                   float(qmin), float(qmax), dev.stream))
+  cpu::lsq_fwd(dtype_of(x), x.data_ptr(), out.data_ptr(), x.numel(), s, inv, inner, C, float(qmin), float(qmax));
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> lsq_fake_quant_backward(const at::Tensor& grad, const at::Tensor& x,
                                                            const at::Tensor& step, const at::Tensor& inv_step,
-                                                           int64_t qmin, int64_t qmax, int64_t inner,
-                                                           int64_t C, double grad_scale) {
+                                                           int64_t qmin, int64_t qmax, int64_t inner, int64_t C,
+                                                           double grad_scale) {
   check_params(x, {&step, &inv_step}, C);
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.strides() == x.strides() && grad.scalar_type() == x.scalar_type(),
               "zsqfast: grad must have x's shape, strides and dtype");
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_step = at::empty({C}, step.options());
-  const DType dt = dtype_of(x);
-#ifdef ZSQFAST_WITH_CUDA
-  if (x.is_cuda()) {
-    auto f = [&](void* s) {
-      cuda::lsq_bwd(dt, grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), grad_step.data_ptr<float>(), x.numel(),
-                    step.data_ptr<float>(), inv_step.data_ptr<float>(), inner, C, float(qmin), float(qmax),
-                    float(grad_scale), s);
-    };
-    run(x, f, f);
-    return {grad_x, grad_step};
-  }
-#endif
-  TORCH_CHECK(x.device().is_cpu(), "zsqfast: this build has no kernel for ", x.device());
-  cpu::lsq_bwd(dt, grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), grad_step.data_ptr<float>(), x.numel(),
-               step.data_ptr<float>(), inv_step.data_ptr<float>(), inner, C, float(qmin), float(qmax),
-               float(grad_scale));
+  const float *s = step.data_ptr<float>(), *inv = inv_step.data_ptr<float>();
+  float* gs = grad_step.data_ptr<float>();
+  ZSQ_CUDA_BRANCH(x, cuda::lsq_bwd(dtype_of(x), grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), gs, x.numel(), s,
+                                   inv, inner, C, float(qmin), float(qmax), float(grad_scale), dev.stream))
+  cpu::lsq_bwd(dtype_of(x), grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), gs, x.numel(), s, inv, inner, C,
+               float(qmin), float(qmax), float(grad_scale));
   return {grad_x, grad_step};
 }
 

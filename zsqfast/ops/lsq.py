@@ -4,10 +4,11 @@ Forward (fp32 arithmetic; ``v = x * (1 / step)`` with the reciprocal rounded onc
 
     out = clamp(round_half_even(v), qmin, qmax) * step
 
-Backward, with ``inside = qmin <= v <= qmax`` (inclusive, as ``torch.clamp``'s gradient)::
+Backward, with ``outside = v < qmin or v > qmax`` (so the grid ends count as inside, as in
+``torch.clamp``'s gradient, and a NaN ``v`` is inside)::
 
-    dL/dx       = dL/dout * inside
-    dL/dstep[c] = grad_scale * sum_{i in c} dL/dout_i * (round(v_i) - v_i   if inside
+    dL/dx       = 0 if outside else dL/dout
+    dL/dstep[c] = grad_scale * sum_{i in c} dL/dout_i * (round(v_i) - v_i   if not outside
                                                           qmin             if v_i < qmin
                                                           qmax             if v_i > qmax)
 
@@ -52,7 +53,6 @@ def reference_backward(grad, x, step, qmin: int, qmax: int, axis, grad_scale: fl
     """Pure-PyTorch semantics of ``zsqfast::lsq_fake_quant_backward``: ``(grad_x, grad_step)``."""
     xd, s, v = _views(x, step, axis)
     g = dense(grad).to(v.dtype)
-    inside = (v >= qmin) & (v <= qmax)
     below, above = v < qmin, v > qmax
     dstep = torch.where(below, float(qmin), torch.where(above, float(qmax), torch.round(v) - v))
     dims = [d for d in range(xd.dim()) if d != axis]

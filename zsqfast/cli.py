@@ -1,0 +1,74 @@
+"""The ``zsqfast`` command line.
+
+    zsqfast info                  backends, CPU ISA, data directory
+    zsqfast demo [--quick]        the README's main job: FP32 vs fake-quantized accuracy + kernel speed
+    zsqfast bench [--quick]       the fake-quantization benchmark (benchmarks/bench_fake_quant.py)
+
+Exit codes: 0 success, 2 bad arguments or inputs (with a message saying what to do), 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def _info(args) -> int:
+    import torch
+
+    import zsqfast
+    from zsqfast import _ext
+
+    print(f"zsqfast {zsqfast.__version__}, torch {torch.__version__}")
+    print(f"CPU backends: {zsqfast.available_backends('cpu')}; CPU ISA: {zsqfast.cpu_isa()}")
+    print(f"extension: {'loaded' if _ext.load_error() is None else _ext.load_error()}; "
+          f"CUDA kernels built: {_ext.has_cuda()}; GPU present: {torch.cuda.is_available()}")
+    from zsqfast.data import data_dir
+
+    d = data_dir()
+    print(f"data directory: {d} ({'present' if d.is_dir() else 'absent'})")
+    return 0
+
+
+def _bench(args) -> int:
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_fake_quant.py")
+    if not os.path.exists(script):
+        print(f"zsqfast bench: {script} not found (the benchmarks ship with the source checkout)", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, script] + (["--quick"] if args.quick else []))
+
+
+def _demo(args) -> int:
+    from zsqfast.demo import run_demo
+
+    return run_demo(quick=args.quick, data=args.data, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zsqfast", description="Fast zero-shot quantization toolkit")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("info", help="show backends, CPU ISA and the data directory")
+    s.set_defaults(fn=_info)
+    s = sub.add_parser("demo", help="quantize a small pretrained model (no downloads) and report accuracy and speed")
+    s.add_argument("--quick", action="store_true", help="smaller evaluation set (smoke test)")
+    s.add_argument("--data", default=None, help="data directory (default $ZSQFAST_DATA or ../shared/data)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_demo)
+    s = sub.add_parser("bench", help="run the fake-quantization benchmark")
+    s.add_argument("--quick", action="store_true")
+    s.set_defaults(fn=_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"zsqfast {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
