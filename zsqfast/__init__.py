@@ -15,10 +15,13 @@ from .ops.qparams import minmax_qparams
 
 _ext.load_error()  # load the compiled kernels now (warns once, never raises)
 from . import _register_backends  # noqa: E402,F401  (cpp / triton / cuda implementations)
+from . import models, nn  # noqa: E402
+from .quantize_model import calibrate, quantization_report, quantize_model  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["fake_quantize", "lsq_fake_quantize", "minmax_qparams", "available_backends", "get_backend",
-           "set_backend", "use_backend", "cpu_isa"]
+__all__ = ["fake_quantize", "lsq_fake_quantize", "minmax_qparams", "quantize_model", "calibrate",
+           "quantization_report", "models", "nn", "available_backends", "get_backend", "set_backend",
+           "use_backend", "cpu_isa"]
 
 
 def cpu_isa() -> str:

@@ -46,6 +46,13 @@ def minmax_qparams(x: torch.Tensor, bits: int, axis: int | None = None, symmetri
     if xf.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(torch.isfinite(mn).all() & torch.isfinite(mx).all()):
             raise ValueError("minmax_qparams: x contains NaN or Inf")
+    return qparams_from_range(mn, mx, bits, symmetric, eps)
+
+
+def qparams_from_range(mn: torch.Tensor, mx: torch.Tensor, bits: int, symmetric: bool = False,
+                       eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero_point)`` for a given range (tensors of equal shape), by the formulas above; no checks,
+    no host synchronisation (what an activation observer calls every step)."""
     if symmetric:
         scale = torch.clamp(torch.maximum(mn.abs(), mx.abs()), min=eps) / ((1 << (bits - 1)) - 1)
         return scale, torch.zeros_like(scale)
