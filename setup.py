@@ -55,7 +55,7 @@ def extensions():
             if os.path.isdir(inc):
                 args["include_dirs"].append(inc)
         args["extra_compile_args"]["nvcc"] = [
-            "-O3", "-std=c++17", "-DZSQFAST_WITH_CUDA", "-lineinfo",
+            "-O3", "-std=c++20", "-DZSQFAST_WITH_CUDA", "-lineinfo",
             "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
         ext = CUDAExtension("zsqfast._C", srcs, **args)
     else:
