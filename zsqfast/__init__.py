@@ -8,7 +8,7 @@ Public API (see README.md):
     get_backend / set_backend / use_backend / available_backends   backend control
 """
 from . import _ext
-from ._backend import available_backends, get_backend, set_backend, use_backend
+from ._backend import active_backend, available_backends, get_backend, set_backend, use_backend
 from .ops.fake_quantize import fake_quantize
 from .ops.lsq import lsq_fake_quantize
 from .ops.qparams import minmax_qparams
@@ -20,7 +20,7 @@ from .quantize_model import calibrate, quantization_report, quantize_model  # no
 
 __version__ = "0.1.0"
 __all__ = ["fake_quantize", "lsq_fake_quantize", "minmax_qparams", "quantize_model", "calibrate",
-           "quantization_report", "models", "nn", "available_backends", "get_backend", "set_backend",
+           "quantization_report", "models", "nn", "active_backend", "available_backends", "get_backend", "set_backend",
            "use_backend", "cpu_isa"]
 
 

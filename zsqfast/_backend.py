@@ -90,9 +90,23 @@ def unavailable_reason(backend: str, device_type: str, op: str | None = None) ->
     return None
 
 
+_selected: dict[tuple[str, str, str], tuple[str, Callable]] = {}
+
+
 def select(op: str, device_type: str) -> tuple[str, Callable]:
-    """The ``(backend name, implementation)`` that runs ``op`` on ``device_type`` now."""
+    """The ``(backend name, implementation)`` that runs ``op`` on ``device_type`` now.
+
+    Availability cannot change within a process (the extension loads once, TRITON_INTERPRET is read at
+    import), so successful choices are cached per (op, device, requested backend)."""
     requested = get_backend()
+    key = (op, device_type, requested)
+    hit = _selected.get(key)
+    if hit is None:
+        hit = _selected[key] = _select(op, device_type, requested)
+    return hit
+
+
+def _select(op: str, device_type: str, requested: str) -> tuple[str, Callable]:
     if requested != "auto":
         reason = unavailable_reason(requested, device_type, op)
         if reason is not None:
@@ -102,6 +116,11 @@ def select(op: str, device_type: str) -> tuple[str, Callable]:
         if unavailable_reason(name, device_type, op) is None:
             return name, _IMPLS[op][name]
     return "reference", _IMPLS[op]["reference"]
+
+
+def active_backend(device_type: str = "cpu", op: str = "fake_quant") -> str:
+    """The backend that runs ``op`` on ``device_type`` tensors now (what :func:`select` picks)."""
+    return select(op, device_type)[0]
 
 
 def available_backends(device_type: str = "cpu", op: str = "fake_quant") -> list[str]:

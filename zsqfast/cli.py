@@ -21,7 +21,8 @@ def _info(args) -> int:
     from zsqfast import _ext
 
     print(f"zsqfast {zsqfast.__version__}, torch {torch.__version__}")
-    print(f"CPU backends: {zsqfast.available_backends('cpu')}; CPU ISA: {zsqfast.cpu_isa()}")
+    print(f"CPU backends: {zsqfast.available_backends('cpu')} (active: {zsqfast.active_backend()}); "
+          f"CPU ISA: {zsqfast.cpu_isa()}")
     print(f"extension: {'loaded' if _ext.load_error() is None else _ext.load_error()}; "
           f"CUDA kernels built: {_ext.has_cuda()}; GPU present: {torch.cuda.is_available()}")
     from zsqfast.data import data_dir

@@ -68,30 +68,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
     return 100.0 * correct / len(y)
 
 
-@torch.no_grad()
-def calibrate(qmodel: nn.Module, batches) -> nn.Module:
-    """Observe activation ranges (QuantAct in training mode) with BatchNorm kept in eval mode."""
-    from zsqfast.nn import QuantAct
-
-    qmodel.eval()
-    acts = [m for m in qmodel.modules() if isinstance(m, QuantAct)]
-    for m in acts:
-        m.train()
-    for xb in batches:
-        qmodel(xb)
-    return qmodel.eval()
-
-
 def _load(data: str | None, quick: bool, seed: int):
     from zsqfast import data as zdata
 
     try:
         from zsqfast.models import load_cifar_resnet
 
-        x_test, y_test = zdata.load_cifar10_test(n=1000 if quick else None, root=data)
+        x_test, y_test = zdata.load_cifar10_test(n=1256 if quick else None, root=data)
         model = load_cifar_resnet(20, root=data).eval()
-        # the training images are not shipped: "real calibration" uses held-out images 0..255 (reference only)
-        return "CIFAR-10 ResNet-20 (pretrained, ../shared/data)", model, x_test[:256], x_test, y_test
+        # no training images are shipped: the "real calibration" rows (a reference, not zero-shot) use test
+        # images 0..255, which are therefore left out of every evaluation
+        return "CIFAR-10 ResNet-20 (pretrained, ../shared/data)", model, x_test[:256], x_test[256:], y_test[256:]
     except FileNotFoundError as exc:
         print(f"(CIFAR data not found: {exc}; using scikit-learn digits instead)")
     x_train, y_train, x_test, y_test = digits_data(seed)
@@ -122,7 +109,7 @@ def _kernel_speed() -> str:
     zc = int(z.clamp(0, 15))
     t_ours = time_fwd_bwd(lambda t: zsqfast.fake_quantize(t, s, z, 4, ste="clipped"), x)
     t_torch = time_fwd_bwd(lambda t: torch.fake_quantize_per_tensor_affine(t, float(s), zc, 0, 15), x)
-    return (f"fake-quant fwd+bwd 64x64x32x32 (clipped STE): zsqfast[{zsqfast.available_backends()[0]}] "
+    return (f"fake-quant fwd+bwd 64x64x32x32 (clipped STE): zsqfast[{zsqfast.active_backend()}] "
             f"{t_ours * 1e3:.2f} ms vs torch.fake_quantize_per_tensor_affine {t_torch * 1e3:.2f} ms "
             f"({t_torch / t_ours:.1f}x)")
 
@@ -132,13 +119,13 @@ def run_demo(quick: bool = False, data: str | None = None, seed: int = 0) -> int
 
     torch.manual_seed(seed)
     name, model, real_calib, x_test, y_test = _load(data, quick, seed)
-    print(f"model: {name}; held-out real images: {len(y_test)}; zsqfast backend: {zsqfast.available_backends()[0]}")
+    print(f"model: {name}; held-out real images: {len(y_test)}; zsqfast backend: {zsqfast.active_backend()} ({zsqfast.cpu_isa()})")
     rows = [("FP32", "-", accuracy(model, x_test, y_test))]
     g = torch.Generator().manual_seed(seed)
     noise = [torch.randn((64,) + tuple(x_test.shape[1:]), generator=g) for _ in range(4)]
     for w, a in ((8, 8), (4, 4)):
         for calib_name, batches in (("Gaussian noise (zero-shot)", noise), ("real images (not zero-shot)", real_calib.split(64))):
-            qmodel = calibrate(zsqfast.quantize_model(model, w_bits=w, a_bits=a), batches)
+            qmodel = zsqfast.calibrate(zsqfast.quantize_model(model, w_bits=w, a_bits=a), batches)
             rows.append((f"W{w}A{a} round-to-nearest", calib_name, accuracy(qmodel, x_test, y_test)))
     print(f"\n{'model':28s} {'activation calibration':30s} {'top-1 %':>8s}")
     for r in rows:

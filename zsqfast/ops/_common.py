@@ -35,6 +35,10 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def channel_param(p, x: torch.Tensor, axis: int | None, name: str, default: float | None = None) -> torch.Tensor:
     """A scale / zero point as a 1-D tensor in ``x``'s compute dtype on ``x``'s device: ``(1,)`` per
     tensor, ``(x.size(axis),)`` per channel (a single value is shared by every channel)."""
+    want = 1 if axis is None else x.size(axis)
+    ct = compute_dtype(x)
+    if isinstance(p, torch.Tensor) and p.dtype == ct and p.dim() == 1 and p.numel() == want and p.device == x.device:
+        return p  # already in kernel form: the common case of layers and observers
     if p is None:
         if default is None:
             raise ValueError(f"{name} is required")
@@ -44,13 +48,12 @@ def channel_param(p, x: torch.Tensor, axis: int | None, name: str, default: floa
         raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
     if not (p.is_floating_point() or p.dtype in (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)):
         raise TypeError(f"{name} must be a real tensor, got {p.dtype}")
-    want = 1 if axis is None else x.size(axis)
     if p.numel() == 1 and want != 1:  # one value shared by every channel
         p = p.reshape(1).expand(want)
     if p.numel() != want:
         where = "per tensor" if axis is None else f"per channel along axis {axis} (size {want})"
         raise ValueError(f"{name} has {p.numel()} elements, expected {want} for quantization {where}")
-    return p.reshape(want).to(compute_dtype(x))
+    return p.reshape(want).to(ct)
 
 
 def broadcast_shape(x: torch.Tensor, axis: int | None) -> list[int]:

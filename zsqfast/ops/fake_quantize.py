@@ -28,6 +28,8 @@ offset o uses channel ``(o // inner) % C``. ``mask`` is uint8 ``(ceil(numel / 8)
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _common as C
@@ -139,7 +141,7 @@ def fake_quantize(x: torch.Tensor, scale, zero_point=None, bits: int = 8, axis: 
     zp = C.channel_param(zero_point, x, axis, "zero_point", default=0.0)
     if symmetric and zero_point is not None and not torch.compiler.is_compiling() and bool((zp != 0).any()):
         raise ValueError("symmetric fake quantization takes no zero point (pass None or 0)")
-    if s.device.type == "cpu" and not torch.compiler.is_compiling() and not bool((s > 0).all() & torch.isfinite(s).all()):
-        raise ValueError("scale must be positive and finite")
+    if s.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(((s > 0) & (s < math.inf)).all()):
+        raise ValueError("scale must be positive and finite")  # (NaN fails s > 0)
     out, _ = fake_quant(x, s, zp, qmin, qmax, axis, ste == "clipped")
     return out
