@@ -77,14 +77,18 @@ def test_float_activations_option():
     assert zsqfast.quantization_report(q).get("QuantAct", 0) == 0
 
 
-def test_torch_compile_quantized_model():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_quantized_model(backend):
     torch.manual_seed(0)
     q = zsqfast.calibrate(zsqfast.quantize_model(build("cifar_resnet20"), 4, 4), [torch.randn(8, 3, 32, 32)])
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         eager = q(x)
-        compiled = torch.compile(q, backend="aot_eager")(x)
-    assert torch.allclose(eager, compiled, atol=1e-5)
+        compiled = torch.compile(q, backend=backend)(x)
+    if backend == "aot_eager":  # same kernels, same order: identical up to float noise
+        assert torch.allclose(eager, compiled, atol=1e-5)
+    else:  # inductor fuses conv/BN arithmetic differently; a value on a grid boundary may move one step
+        assert _cos(eager, compiled) > 0.999 and torch.equal(eager.argmax(1), compiled.argmax(1))
 
 
 def test_quantized_training_step_updates_weights():
