@@ -29,6 +29,12 @@ void lsq_fwd(DType dt, const void* x, void* out, int64_t n, const float* step, c
 void lsq_bwd(DType dt, const void* grad, const void* x, void* grad_x, float* grad_step, int64_t n,
              const float* step, const float* inv_step, int64_t inner, int64_t C, float qmin, float qmax,
              float grad_scale);
+// Per-channel mean and biased variance of a BatchNorm input (channel c = (o / inner) % C), accumulated in
+// double: mean[c], var[c] (C floats each, overwritten). Deterministic like lsq_bwd.
+void bn_stats(DType dt, const void* x, int64_t n, int64_t inner, int64_t C, float* mean, float* var);
+// out[o] = (grad ? grad[o] : 0) + a[c] + b[c] * x[o]    (fp32 math: (a + b * x) + grad)
+void bn_stats_bwd(DType dt, const void* grad, const void* x, void* out, int64_t n, const float* a, const float* b,
+                  int64_t inner, int64_t C);
 // "avx512_vnni", "avx512", "avx2" or "scalar": what the kernels dispatch to now (the best this CPU has,
 // unless force_isa chose a lower one).
 const char* isa_name();

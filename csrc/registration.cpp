@@ -111,6 +111,31 @@ std::tuple<at::Tensor, at::Tensor> lsq_fake_quant_backward(const at::Tensor& gra
   return {grad_x, grad_step};
 }
 
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x, int64_t inner, int64_t C) {
+  TORCH_CHECK(x.device().is_cpu(), "zsqfast: bn_stats has no CUDA kernel in this build");
+  TORCH_CHECK(inner >= 1 && C >= 1 && x.numel() % C == 0, "zsqfast: bad channel geometry");
+  at::Tensor mean = at::empty({C}, x.options().dtype(at::kFloat));
+  at::Tensor var = at::empty({C}, x.options().dtype(at::kFloat));
+  cpu::bn_stats(dtype_of(x), x.data_ptr(), x.numel(), inner, C, mean.data_ptr<float>(), var.data_ptr<float>());
+  return {mean, var};
+}
+
+at::Tensor bn_stats_backward(const std::optional<at::Tensor>& grad, const at::Tensor& x, const at::Tensor& a,
+                             const at::Tensor& b, int64_t inner, int64_t C) {
+  TORCH_CHECK(x.device().is_cpu(), "zsqfast: bn_stats_backward has no CUDA kernel in this build");
+  check_params(x, {&a, &b}, C);
+  const void* g = nullptr;
+  if (grad.has_value()) {
+    TORCH_CHECK(grad->sizes() == x.sizes() && grad->strides() == x.strides() && grad->scalar_type() == x.scalar_type(),
+                "zsqfast: grad must have x's shape, strides and dtype");
+    g = grad->data_ptr();
+  }
+  at::Tensor out = at::empty_like(x);
+  cpu::bn_stats_bwd(dtype_of(x), g, x.data_ptr(), out.data_ptr(), x.numel(), a.data_ptr<float>(), b.data_ptr<float>(),
+                    inner, C);
+  return out;
+}
+
 std::string cpu_isa() { return cpu::isa_name(); }
 bool set_cpu_isa(c10::string_view name) { return cpu::force_isa(std::string(name).c_str()); }
 
@@ -124,6 +149,8 @@ TORCH_LIBRARY(zsqfast_ext, m) {
   m.def("lsq_fake_quant(Tensor x, Tensor step, Tensor inv_step, int qmin, int qmax, int inner, int C) -> Tensor");
   m.def("lsq_fake_quant_backward(Tensor grad, Tensor x, Tensor step, Tensor inv_step, int qmin, int qmax, "
         "int inner, int C, float grad_scale) -> (Tensor, Tensor)");
+  m.def("bn_stats(Tensor x, int inner, int C) -> (Tensor, Tensor)");
+  m.def("bn_stats_backward(Tensor? grad, Tensor x, Tensor a, Tensor b, int inner, int C) -> Tensor");
   m.def("cpu_isa() -> str", &zsqfast::cpu_isa);
   m.def("set_cpu_isa(str name) -> bool", &zsqfast::set_cpu_isa);
 }
@@ -133,6 +160,8 @@ TORCH_LIBRARY_IMPL(zsqfast_ext, CPU, m) {
   m.impl("fake_quant_backward", &zsqfast::fake_quant_backward);
   m.impl("lsq_fake_quant", &zsqfast::lsq_fake_quant);
   m.impl("lsq_fake_quant_backward", &zsqfast::lsq_fake_quant_backward);
+  m.impl("bn_stats", &zsqfast::bn_stats);
+  m.impl("bn_stats_backward", &zsqfast::bn_stats_backward);
 }
 
 #ifdef ZSQFAST_WITH_CUDA

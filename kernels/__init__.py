@@ -1,7 +1,9 @@
 """Triton kernels of zsqfast (installed as ``zsqfast.kernels``): the kernel contracts of the ops, for CUDA
 tensors and, under ``TRITON_INTERPRET=1``, for CPU tensors. ``python -m zsqfast.kernels.aot`` compiles them
 ahead of time for sm_80 / sm_90 and reports registers and spills."""
+from .bn_stats import bn_stats, bn_stats_backward
 from .fake_quant import fake_quant, fake_quant_backward
 from .lsq import lsq_fake_quant, lsq_fake_quant_backward
 
-__all__ = ["fake_quant", "fake_quant_backward", "lsq_fake_quant", "lsq_fake_quant_backward"]
+__all__ = ["bn_stats", "bn_stats_backward", "fake_quant", "fake_quant_backward", "lsq_fake_quant",
+           "lsq_fake_quant_backward"]

@@ -16,6 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .bn_stats import bn_stats_bwd_kernel, bn_stats_kernel
 from .fake_quant import fake_quant_bwd_kernel, fake_quant_fwd_kernel
 from .lsq import lsq_bwd_kernel, lsq_fwd_kernel
 from ._common import COMPILE_OPTIONS
@@ -43,6 +44,14 @@ def specializations():
                {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "gx_ptr": f"*{dt}", "partial_ptr": "*fp32", "inv_ptr": "*fp32",
                 "per_channel": "i32", "per_program": "i32", "inner": "i32", "C": "i32", "qmin": "fp32",
                 "qmax": "fp32", "BLOCK": "constexpr"}, {"BLOCK": 1024})
+        yield (f"bn_stats[{dt}]", bn_stats_kernel,
+               {"x_ptr": f"*{dt}", "partial_ptr": "*fp32", "per_channel": "i32", "per_program": "i32", "inner": "i32",
+                "C": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024})
+        for has_grad in (False, True):
+            yield (f"bn_stats_bwd[{dt},grad={has_grad}]", bn_stats_bwd_kernel,
+                   {"g_ptr": f"*{dt}", "x_ptr": f"*{dt}", "out_ptr": f"*{dt}", "a_ptr": "*fp32", "b_ptr": "*fp32",
+                    "n": "i32", "inner": "i32", "C": "i32", "HAS_GRAD": "constexpr", "BLOCK": "constexpr"},
+                   {"HAS_GRAD": has_grad, "BLOCK": 1024})
 
 
 def ptxas_path() -> str:

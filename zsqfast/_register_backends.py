@@ -11,7 +11,8 @@ import torch
 from . import _triton
 from ._backend import register_impl
 
-CONTRACTS = ("fake_quant", "fake_quant_backward", "lsq_fake_quant", "lsq_fake_quant_backward")
+CONTRACTS = ("fake_quant", "fake_quant_backward", "lsq_fake_quant", "lsq_fake_quant_backward", "bn_stats",
+             "bn_stats_backward")
 
 
 def _native(name: str):
@@ -28,7 +29,11 @@ def _triton_impl(name: str):
     return impl
 
 
+#: contracts with CUDA kernels in csrc/cuda (the others run Triton or the reference on a GPU)
+CUDA_CONTRACTS = CONTRACTS[:4]
+
 for _name in CONTRACTS:
     register_impl(_name, "cpp", _native(_name))
-    register_impl(_name, "cuda", _native(_name))
     register_impl(_name, "triton", _triton_impl(_name))
+for _name in CUDA_CONTRACTS:
+    register_impl(_name, "cuda", _native(_name))
