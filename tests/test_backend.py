@@ -90,3 +90,15 @@ def test_import_does_not_initialise_cuda_or_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.split()[-2:] == ["False", "False"]
+
+
+def test_a_built_extension_loads():
+    """A compiled extension next to the package must load: a broken build must fail CI, not silently skip
+    every compiled-kernel test."""
+    import glob
+
+    built = glob.glob(os.path.join(REPO, "zsqfast", "_C*.so"))
+    if not built or os.environ.get("ZSQFAST_NO_EXT") == "1":
+        pytest.skip("no compiled extension in this checkout (ZSQFAST_SKIP_BUILD=1 install)")
+    assert zsqfast._ext.load_error() is None, zsqfast._ext.load_error()
+    assert "cpp" in zsqfast.available_backends("cpu")

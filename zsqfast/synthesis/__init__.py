@@ -1,4 +1,5 @@
 """Synthetic-data generation for zero-shot quantization."""
 from .bns_loss import BNSLoss
+from .engine import SyntheticDataset, synthesize
 
-__all__ = ["BNSLoss"]
+__all__ = ["BNSLoss", "SyntheticDataset", "synthesize"]

@@ -1,0 +1,129 @@
+"""BN-statistics loss cost: per layer, and added to a whole model's forward+backward (issue 4, part a).
+
+(a) per layer, forward+backward of one BN-statistics term on a BatchNorm input x plus a downstream use of x
+    (``(x * w).sum()``, standing for the BatchNorm path): zsqfast's fused op + tap vs the hook reference
+    (``x.mean`` / ``x.var`` over (0, 2, 3)) vs the DeepInversion-style hook (variance of a permuted copy);
+(b) whole model, forward+backward w.r.t. the input images at synthesis batch sizes: plain (cross-entropy
+    only) vs + BNSLoss(fused) vs + BNSLoss(hook reference); the overhead each adds to the plain step.
+
+Run: python benchmarks/bench_synthesis.py [--threads 2] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import zsqfast  # noqa: E402
+from _timing import bench, machine, write_csv  # noqa: E402
+from zsqfast.models import build  # noqa: E402
+from zsqfast.ops.bn_stats import batch_stats  # noqa: E402
+
+
+def hast_term(mean, var, rm, rv):
+    return F.mse_loss(mean, rm) + F.mse_loss(var, rv)
+
+
+def layer_rows(quick: bool) -> list[dict]:
+    shapes = [("CIFAR stage 1 256x16x32x32", (256, 16, 32, 32)), ("CIFAR stage 3 256x64x8x8", (256, 64, 8, 8)),
+              ("ImageNet stage 1 32x64x56x56", (32, 64, 56, 56))]
+    if quick:
+        shapes = [(n, (s[0] // 4,) + s[1:]) for n, s in shapes]
+    rows = []
+    for label, shape in shapes:
+        for layout in ("NCHW", "NHWC"):
+            x = torch.randn(shape)
+            if layout == "NHWC":
+                x = x.contiguous(memory_format=torch.channels_last)
+            x.requires_grad_(True)
+            w = torch.randn_like(x)
+            rm, rv = torch.zeros(shape[1]), torch.ones(shape[1])
+
+            def run(stats_fn):
+                def step():
+                    x.grad = None
+                    y, mean, var = stats_fn(x)
+                    (hast_term(mean, var, rm, rv) + (y * w).sum()).backward()
+                return step
+
+            def hook_ref(t):
+                return t, t.mean(dim=[0, 2, 3]), t.var(dim=[0, 2, 3], unbiased=False)
+
+            def deepinv(t):
+                c = t.size(1)
+                return t, t.mean(dim=[0, 2, 3]), t.permute(1, 0, 2, 3).contiguous().view(c, -1).var(1, unbiased=False)
+
+            def fused(t):
+                return batch_stats(t, tap=True)
+
+            def floor(t):  # the downstream use alone: what any BN loss adds to
+                return t, None, None
+
+            t_floor = bench(lambda: (setattr(x, "grad", None), (x * w).sum().backward()))
+            times = {"hook reference": bench(run(hook_ref)), "DeepInversion hook": bench(run(deepinv)),
+                     "zsqfast fused": bench(run(fused))}
+            best_ref = min(times["hook reference"], times["DeepInversion hook"])
+            for k, t in times.items():
+                rows.append(dict(part="a", case=f"{label} {layout}", impl=k, ms=round(t * 1e3, 3),
+                                 added_ms=round((t - t_floor) * 1e3, 3),
+                                 speedup=round((best_ref - t_floor) / max(t - t_floor, 1e-9), 2)))
+    return rows
+
+
+def model_rows(quick: bool) -> list[dict]:
+    configs = [("cifar_resnet20", 256, 32), ("cifar_resnet32", 256, 32), ("resnet18", 32, 224)]
+    if quick:
+        configs = [(n, b // 8, s) for n, b, s in configs]
+    rows = []
+    for name, batch, size in configs:
+        torch.manual_seed(0)
+        model = build(name).eval()
+        x = torch.randn(batch, 3, size, size, requires_grad=True)
+        y = torch.randint(0, 10, (batch,))
+
+        def plain():
+            x.grad = None
+            F.cross_entropy(model(x), y).backward()
+
+        t_plain = bench(plain, reps=5, min_time=1.0)
+        times = {}
+        for label, fused in (("+ BNS hook reference", False), ("+ BNS zsqfast fused", True)):
+            with zsqfast.BNSLoss(model, "hast", fused=fused) as bns:
+                def step():
+                    x.grad = None
+                    logits, loss = bns(x)
+                    (loss + F.cross_entropy(logits, y)).backward()
+                times[label] = bench(step, reps=5, min_time=1.0)
+        rows.append(dict(part="b", case=f"{name} batch {batch} {size}x{size}", impl="plain fwd+bwd",
+                         ms=round(t_plain * 1e3, 1), added_ms=0.0, speedup=""))
+        ref_added = times["+ BNS hook reference"] - t_plain
+        for k, t in times.items():
+            rows.append(dict(part="b", case=f"{name} batch {batch} {size}x{size}", impl=k, ms=round(t * 1e3, 1),
+                             added_ms=round((t - t_plain) * 1e3, 1),
+                             speedup=f"{100 * (t - t_plain) / t_plain:+.1f} % of plain; "
+                                     f"{ref_added / max(t - t_plain, 1e-9):.1f}x less added than the reference"))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}")
+    rows = layer_rows(args.quick) + model_rows(args.quick)
+    print(f"{'part':4s} {'case':40s} {'impl':22s} {'ms':>9s} {'added ms':>9s}  speed-up / overhead")
+    for r in rows:
+        print(f"{r['part']:4s} {r['case']:40s} {r['impl']:22s} {r['ms']:9.3f} {r['added_ms']:9.3f}  {r['speedup']}")
+    print("(a) added ms = time - time of the downstream use alone; speed-up = added ms of the faster reference hook "
+          "/ added ms of this implementation")
+    print("csv:", write_csv("bench_synthesis", rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""On-disk synthetic sets: one shard per batch plus an index, every write atomic (temp file + rename).
+
+Layout of ``out/``::
+
+    index.json          {"meta": {...}, "batches": {"0": {"final_loss": ..., "file": "shard_00000.pt"}, ...}}
+    shard_00000.pt      {"images": float32 (B, C, H, W), "labels": int64 (B,)}
+
+A batch counts as done only once its shard *and* the index entry naming it are both on disk, so an
+interrupted run loses at most the batch in progress and never leaves a half-written file behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    """Call ``write(file_object)`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class ShardStore:
+    """The shards and index of one synthesis run in directory ``root``."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.index_path = self.root / "index.json"
+
+    def load_index(self) -> dict | None:
+        if not self.index_path.exists():
+            return None
+        with open(self.index_path) as f:
+            return json.load(f)
+
+    def open(self, meta: dict) -> dict:
+        """The index for a run described by ``meta``: the existing one when it matches (resume), a new one when
+        there is none. A directory holding a different run raises ValueError saying what differs."""
+        index = self.load_index()
+        if index is None:
+            index = {"meta": meta, "batches": {}}
+            self._write_index(index)
+            return index
+        diff = {k: (index["meta"].get(k), v) for k, v in meta.items() if index["meta"].get(k) != v}
+        if diff:
+            details = "; ".join(f"{k}: stored {a!r}, requested {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"{self.root} holds a different synthesis run ({details}); use another output "
+                             "directory or delete this one")
+        return index
+
+    def done(self, index: dict) -> set[int]:
+        """Batches whose shard and index entry are both present."""
+        return {int(b) for b, e in index["batches"].items() if (self.root / e["file"]).exists()}
+
+    def save_batch(self, index: dict, b: int, images: torch.Tensor, labels: torch.Tensor, final_loss: float) -> None:
+        name = f"shard_{b:05d}.pt"
+        payload = {"images": images.detach().cpu().contiguous(), "labels": labels.detach().cpu()}
+        atomic_write_bytes(self.root / name, lambda f: torch.save(payload, f))
+        index["batches"][str(b)] = {"file": name, "final_loss": final_loss}
+        self._write_index(index)
+
+    def load_batch(self, index: dict, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        payload = torch.load(self.root / index["batches"][str(b)]["file"], map_location="cpu", weights_only=True)
+        return payload["images"], payload["labels"]
+
+    def _write_index(self, index: dict) -> None:
+        atomic_write_bytes(self.index_path, lambda f: f.write(json.dumps(index, indent=1, sort_keys=True).encode()))
