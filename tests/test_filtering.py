@@ -1,0 +1,65 @@
+"""filter_images: energy by its formula, BN sensitivity against naive leave-one-out forward passes."""
+import pytest
+import torch
+import torch.nn as nn
+
+import zsqfast
+from zsqfast.synthesis.filtering import bn_sensitivity_and_energy
+
+
+def _model():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2),
+                      nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        for bn in (m[1], m[4]):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 1.5)
+    return m
+
+
+def _naive_discrepancy(model, x):
+    """D(batch) by running the batch through the model and measuring every BN input directly."""
+    d = torch.zeros((), dtype=torch.float64)
+    feats = []
+    handles = [m.register_forward_pre_hook(lambda mod, inp: feats.append((mod, inp[0].double())))
+               for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    for mod, a in feats:
+        mean, var = a.mean((0, 2, 3)), a.var((0, 2, 3), unbiased=False)
+        d += ((mean - mod.running_mean.double()) ** 2).sum() + ((var - mod.running_var.double()) ** 2).sum()
+    return d
+
+
+def test_bn_sensitivity_matches_naive_leave_one_out():
+    model = _model()
+    x = torch.randn(7, 3, 10, 10)
+    x[2] *= 4  # an outlier
+    energy, sens = bn_sensitivity_and_energy(model, x, batch_size=7)
+    d_all = _naive_discrepancy(model, x)
+    naive = torch.stack([d_all - _naive_discrepancy(model, torch.cat([x[:i], x[i + 1:]])) for i in range(7)])
+    assert torch.allclose(sens, naive, rtol=1e-8, atol=1e-10)
+    assert int(sens.abs().argmax()) == 2  # the outlier moves the statistics most
+    with torch.no_grad():
+        want = -torch.logsumexp(model(x).double(), dim=1)
+    assert torch.allclose(energy, want)
+
+
+def test_filter_images_keeps_the_intersection():
+    model = _model()
+    x = torch.randn(20, 3, 10, 10)
+    r = zsqfast.filter_images(model, x, energy_keep=0.5, bn_keep=0.5, batch_size=10)
+    low_e = set(torch.argsort(r.energy)[:10].tolist())
+    low_s = set(torch.argsort(r.bn_sensitivity)[:10].tolist())
+    assert r.keep.tolist() == sorted(low_e & low_s)
+    assert len(zsqfast.filter_images(model, x, energy_keep=1.0, bn_keep=1.0).keep) == 20
+
+
+def test_filter_errors():
+    with pytest.raises(ValueError, match="bn_keep"):
+        zsqfast.filter_images(_model(), torch.randn(4, 3, 8, 8), bn_keep=0.0)
+    with pytest.raises(ValueError, match="no BatchNorm2d"):
+        zsqfast.filter_images(nn.Sequential(nn.Flatten(), nn.Linear(192, 2)), torch.randn(4, 3, 8, 8))
