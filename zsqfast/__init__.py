@@ -10,6 +10,7 @@ Public API (see README.md):
 from . import _ext
 from ._backend import active_backend, available_backends, get_backend, set_backend, use_backend
 from .ops.fake_quantize import fake_quantize
+from .ops.lowpass import amplitude_spectrum, gaussian_lowpass
 from .ops.lsq import lsq_fake_quantize
 from .ops.qparams import minmax_qparams
 
@@ -20,7 +21,7 @@ from .quantize_model import calibrate, quantization_report, quantize_model  # no
 from .synthesis import BNSLoss, SyntheticDataset, filter_images, synthesize  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["BNSLoss", "SyntheticDataset", "filter_images", "synthesize", "fake_quantize", "lsq_fake_quantize", "minmax_qparams", "quantize_model", "calibrate",
+__all__ = ["amplitude_spectrum", "gaussian_lowpass", "BNSLoss", "SyntheticDataset", "filter_images", "synthesize", "fake_quantize", "lsq_fake_quantize", "minmax_qparams", "quantize_model", "calibrate",
            "quantization_report", "models", "nn", "active_backend", "available_backends", "get_backend", "set_backend",
            "use_backend", "cpu_isa"]
 
