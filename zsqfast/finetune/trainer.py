@@ -1,0 +1,162 @@
+"""finetune(): quantization-aware fine-tuning of a fake-quantized student on (synthetic) images.
+
+``method="kd"`` (the plain distillation baseline): ``L = KD(s, t) + lambda_ce * CE(s, y)`` on augmented
+images. ``method="synq"``: images are augmented (per-sample random resized crop, scale 0.5-1, and flip, in the
+normalised space), low-pass filtered (:func:`zsqfast.gaussian_lowpass`, d0), then
+``L = KD + lambda_ce * selective_CE + lambda_cam * CAM`` with the selective CE of
+:func:`zsqfast.finetune.losses.selective_ce` and the CAM-alignment loss on the filtered images.
+
+Official settings (SynQ code defaults): T = alpha = 20, tau 0.5, d0 80, lambda_ce 5, lambda_cam 200;
+SGD momentum 0.9 nesterov, weight decay 1e-4; 100 epochs of 5,120 images. The learning rate here defaults
+to 1e-5 with cosine decay: the x8000 KL scaling makes 1e-4 diverge on the CIFAR ResNets (measured; see
+zsq-semantics.md). A non-finite loss stops training with a message instead of producing a broken model.
+
+Before training, the student's activation ranges are calibrated on ``calib_batches`` batches of the data and
+frozen (the official code instead keeps updating them during epochs 0-3). BatchNorm stays in eval mode.
+Checkpoints (atomic) after every epoch in ``out`` allow an interrupted run to resume exactly; ``out/log.jsonl``
+holds one JSON line per epoch; evaluation on a held-out set runs every epoch and the final epoch's accuracy is
+reported (no selection of the best epoch on test data).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nn import QuantAct
+from ..ops.lowpass import gaussian_lowpass
+from ..quantize_model import calibrate
+from ..synthesis.storage import atomic_write_bytes
+from .gradcam import cam_alignment_loss
+from .losses import kd_loss, selective_ce
+
+DEFAULTS = dict(lr=1e-5, momentum=0.9, weight_decay=1e-4, temperature=20.0, alpha=20.0, lambda_ce=5.0,
+                lambda_cam=200.0, tau=0.5, d0=80.0, calib_batches=4, augment=True)
+
+
+def random_resized_crop_flip(x: torch.Tensor, g: torch.Generator, scale=(0.5, 1.0)) -> torch.Tensor:
+    """Per-sample RandomResizedCrop (area fraction in ``scale``, aspect 3/4..4/3) and horizontal flip."""
+    b, _, h, w = x.shape
+    out = torch.empty_like(x)
+    for i in range(b):
+        area = h * w * float(torch.empty(()).uniform_(*scale, generator=g))
+        ratio = math.exp(float(torch.empty(()).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)))
+        ch = max(1, min(h, round(math.sqrt(area / ratio))))
+        cw = max(1, min(w, round(math.sqrt(area * ratio))))
+        top = int(torch.randint(0, h - ch + 1, (), generator=g))
+        left = int(torch.randint(0, w - cw + 1, (), generator=g))
+        crop = F.interpolate(x[i:i + 1, :, top:top + ch, left:left + cw], size=(h, w), mode="bilinear",
+                             align_corners=False)
+        out[i] = crop[0].flip(-1) if bool(torch.rand((), generator=g) < 0.5) else crop[0]
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent (model in eval mode)."""
+    model.eval()
+    correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in zip(images.split(batch_size),
+                                                                               labels.split(batch_size)))
+    return 100.0 * correct / max(len(labels), 1)
+
+
+def finetune(fp_model: nn.Module, q_model: nn.Module, dataset, *, method: str = "synq", epochs: int = 100,
+             batch_size: int = 256, seed: int = 0, eval_data=None, out=None, progress: bool = True,
+             stop_after: int | None = None, **options) -> dict:
+    """Fine-tune ``q_model`` (from :func:`zsqfast.quantize_model`) against the float ``fp_model``.
+
+    Args:
+        dataset: a SyntheticDataset or ``(images, labels)``: float (N, C, H, W) and int64 (N,).
+        method: ``"kd"`` or ``"synq"``; ``options`` override :data:`DEFAULTS`.
+        eval_data: optional held-out ``(images, labels)`` evaluated after every epoch.
+        out: directory for ``checkpoint.pt`` and ``log.jsonl``; an existing checkpoint is resumed.
+        stop_after: run at most this many epochs in this call (the rest resumes from ``out`` later).
+    Returns:
+        ``{"epochs": [per-epoch dicts], "final_accuracy": float or None}``; ``q_model`` is trained in place.
+    """
+    if method not in ("kd", "synq"):
+        raise ValueError(f"method must be 'kd' or 'synq', got {method!r}")
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown fine-tuning options {sorted(unknown)}")
+    opt = dict(DEFAULTS, **options)
+    images, labels = (dataset.images, dataset.labels) if hasattr(dataset, "images") else dataset
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError("dataset must hold as many labels as images, at least one")
+    fp_model.eval()
+    for p in fp_model.parameters():
+        p.requires_grad_(False)
+    params = [p for p in q_model.parameters() if p.requires_grad]
+    sgd = torch.optim.SGD(params, lr=opt["lr"], momentum=opt["momentum"], nesterov=True,
+                          weight_decay=opt["weight_decay"])
+    steps_per_epoch = math.ceil(len(images) / batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, T_max=max(1, epochs * steps_per_epoch))
+    out = Path(out) if out is not None else None
+    ckpt = out / "checkpoint.pt" if out is not None else None
+    history, start = [], 0
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if state["method"] != method or state["epochs"] != epochs or state["seed"] != seed:
+            raise ValueError(f"{ckpt} belongs to a different run (method/epochs/seed); use another out directory")
+        q_model.load_state_dict(state["model"])
+        sgd.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, start = state["history"], state["epoch"]
+    else:
+        calibrate(q_model, images[: opt["calib_batches"] * batch_size].split(batch_size), freeze=True)
+    for m in q_model.modules():
+        if isinstance(m, QuantAct):
+            m.freeze()
+    last = epochs if stop_after is None else min(epochs, start + stop_after)
+    for epoch in range(start, last):
+        g = torch.Generator().manual_seed(seed * 7919 + epoch)
+        q_model.eval()  # BatchNorm in eval; QuantActs frozen
+        perm = torch.randperm(len(images), generator=g)
+        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "cam": 0.0, "selected": 0.0}
+        for step, idx in enumerate(perm.split(batch_size)):
+            x, y = images[idx], labels[idx]
+            if opt["augment"]:
+                x = random_resized_crop_flip(x, g)
+            if method == "synq":
+                x = torch.nan_to_num(gaussian_lowpass(x, opt["d0"]))
+            with torch.no_grad():
+                t = fp_model(x)
+            s = q_model(x)
+            kd = kd_loss(s, t, opt["temperature"], opt["alpha"])
+            if method == "kd":
+                ce, n_sel, cam = F.cross_entropy(s, y), len(y), torch.zeros(())
+            else:
+                ce, sel = selective_ce(s, t, y, opt["tau"])
+                n_sel = int(sel.sum())
+                cam = cam_alignment_loss(fp_model, q_model, x) if opt["lambda_cam"] else torch.zeros(())
+            loss = kd + opt["lambda_ce"] * ce + opt["lambda_cam"] * cam
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning loss became {float(loss)} at epoch {epoch}, step {step}; "
+                                         f"lower lr (now {sched.get_last_lr()[0]:g})")
+            sgd.zero_grad(set_to_none=True)
+            loss.backward()
+            sgd.step()
+            if not bool(torch.isfinite(torch.stack([p.detach().abs().sum() for p in params]).sum())):
+                raise FloatingPointError(f"fine-tuning diverged at epoch {epoch}, step {step}: weights are no longer "
+                                         f"finite; lower lr (now {sched.get_last_lr()[0]:g})")
+            sched.step()
+            for k, v in (("loss", loss), ("kd", kd), ("ce", ce), ("cam", cam)):
+                totals[k] += float(v.detach()) / steps_per_epoch
+            totals["selected"] += n_sel / len(images)
+        record = dict(epoch=epoch + 1, lr=sched.get_last_lr()[0], **{k: round(v, 6) for k, v in totals.items()})
+        if eval_data is not None:
+            record["accuracy"] = evaluate(q_model, *eval_data)
+        history.append(record)
+        if progress:
+            print(json.dumps(record), file=sys.stderr)
+        if out is not None:
+            state = dict(model=q_model.state_dict(), optimizer=sgd.state_dict(), scheduler=sched.state_dict(),
+                         epoch=epoch + 1, history=history, method=method, epochs=epochs, seed=seed)
+            atomic_write_bytes(ckpt, lambda f: torch.save(state, f))
+            atomic_write_bytes(out / "log.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))
+    return {"epochs": history, "final_accuracy": history[-1].get("accuracy") if history else None}
