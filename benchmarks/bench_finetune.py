@@ -1,0 +1,125 @@
+"""SynQ fine-tuning pieces: low-pass filter, per-batch Grad-CAM, and one training step (issue 5).
+
+Rows:
+  low-pass  official fft2 path vs an rfft2 filter (the best plain-PyTorch way) vs zsqfast's circulant path;
+  Grad-CAM  the official procedure (full backward through the whole network) vs zsqfast (head-only backward)
+            vs a plain no-grad forward of the same batch (the floor);
+  step      one KD step vs one SynQ step (filter + selective CE + CAM) with zsqfast.
+Models: CIFAR ResNet-20 at batch 256 (32x32) and timm resnet18 at batch 16 (224x224), random weights.
+
+Run: python benchmarks/bench_finetune.py [--threads 2] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import zsqfast  # noqa: E402
+from _timing import bench, machine, write_csv  # noqa: E402
+from zsqfast.finetune import kd_loss, selective_ce  # noqa: E402
+from zsqfast.models import build  # noqa: E402
+
+
+def official_cam(model, x):
+    """SynQ's procedure: hooks on the last conv, score.backward through the whole network."""
+    layer = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]
+    store = {}
+    h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    h2 = layer.register_full_backward_hook(lambda m, gi, go: store.__setitem__("g", go[0]))
+    model.zero_grad()
+    logits = model(x)
+    score = logits.gather(1, logits.argmax(1, keepdim=True))
+    score.backward(torch.ones_like(score))
+    h1.remove()
+    h2.remove()
+    a, g = store["a"].detach(), store["g"].detach()
+    alpha = g.mean(dim=(2, 3), keepdim=True).clamp(min=1e-10)
+    cam = F.interpolate(F.relu((alpha * a).sum(1, keepdim=True)), size=x.shape[-2:], mode="bilinear",
+                        align_corners=False).squeeze(1)
+    mn, mx = cam.flatten(1).min(1)[0].view(-1, 1, 1), cam.flatten(1).max(1)[0].view(-1, 1, 1)
+    return (cam - mn) / (mx - mn + 1e-10)
+
+
+def rfft_lowpass(x, d0):
+    h, w = x.shape[-2:]
+    fy = torch.fft.fftfreq(h, d=1.0 / h)[:, None]
+    fx = torch.fft.rfftfreq(w, d=1.0 / w)[None, :]
+    return torch.fft.irfft2(torch.fft.rfft2(x) * torch.exp(-(fy**2 + fx**2) / (2 * d0 * d0)), s=(h, w))
+
+
+def run(quick: bool) -> list[dict]:
+    rows = []
+    configs = [("cifar_resnet20", 256, 32), ("resnet18", 16, 224)]
+    if quick:
+        configs = [(n, max(2, b // 8), s) for n, b, s in configs]
+    for name, batch, size in configs:
+        torch.manual_seed(0)
+        fp = build(name).eval()
+        x = torch.randn(batch, 3, size, size)
+        y = torch.randint(0, 10, (batch,))
+        case = f"{name} batch {batch} {size}x{size}"
+        t = {"official fft2": bench(lambda: zsqfast.gaussian_lowpass(x, 80.0, method="fft")),
+             "rfft2": bench(lambda: rfft_lowpass(x, 80.0)),
+             "zsqfast circulant": bench(lambda: zsqfast.gaussian_lowpass(x, 80.0))}
+        for k, v in t.items():
+            rows.append(dict(part="low-pass d0=80", case=case, impl=k, ms=round(v * 1e3, 2),
+                             ratio=f"{t['rfft2'] / v:.2f}x vs rfft2, {t['official fft2'] / v:.2f}x vs official"))
+        with torch.no_grad():
+            t_fwd = bench(lambda: fp(x), reps=5)
+        t_off = bench(lambda: official_cam(fp, x), reps=5)
+        t_ours = bench(lambda: zsqfast.gradcam(fp, x), reps=5)
+        for k, v in (("no-grad forward (floor)", t_fwd), ("official full backward", t_off), ("zsqfast head-only", t_ours)):
+            rows.append(dict(part="Grad-CAM", case=case, impl=k, ms=round(v * 1e3, 1),
+                             ratio=f"{v / t_fwd:.2f}x forward, {t_off / v:.2f}x faster than official"))
+        q = zsqfast.calibrate(zsqfast.quantize_model(fp, 4, 4), [x[: max(2, batch // 4)]], freeze=True)
+        opt = torch.optim.SGD(q.parameters(), lr=1e-6, momentum=0.9, nesterov=True)
+
+        def kd_step():
+            with torch.no_grad():
+                tl = fp(x)
+            s = q(x)
+            loss = kd_loss(s, tl) + 0.5 * F.cross_entropy(s, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        def synq_step():
+            xf = zsqfast.gaussian_lowpass(x, 80.0)
+            with torch.no_grad():
+                tl = fp(xf)
+            s = q(xf)
+            ce, _ = selective_ce(s, tl, y)
+            loss = kd_loss(s, tl) + 5.0 * ce + 200.0 * zsqfast.cam_alignment_loss(fp, q, xf)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        t_kd, t_synq = bench(kd_step, reps=3), bench(synq_step, reps=3)
+        rows.append(dict(part="train step", case=case, impl="KD step", ms=round(t_kd * 1e3, 1), ratio="1.00x"))
+        rows.append(dict(part="train step", case=case, impl="SynQ step", ms=round(t_synq * 1e3, 1),
+                         ratio=f"{t_synq / t_kd:.2f}x the KD step"))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}")
+    rows = run(args.quick)
+    print(f"{'part':15s} {'case':32s} {'impl':26s} {'ms':>9s}  ratio")
+    for r in rows:
+        print(f"{r['part']:15s} {r['case']:32s} {r['impl']:26s} {r['ms']:9.2f}  {r['ratio']}")
+    print("csv:", write_csv("bench_finetune", rows))
+
+
+if __name__ == "__main__":
+    main()
