@@ -9,14 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import COMPILE_OPTIONS, block_size, check_size, store_rounded
+from ._common import COMPILE_OPTIONS, block_size, check_size, store_rounded, to_f32
 
 
 @triton.jit
 def bn_stats_kernel(x_ptr, partial_ptr, per_channel, per_program, inner, C, BLOCK: tl.constexpr):
     c = tl.program_id(0)
     j = tl.program_id(1)
-    k_c = tl.load(x_ptr + c * inner).to(tl.float32)      # shift: sums of x - K_c do not cancel
+    k_c = to_f32(tl.load(x_ptr + c * inner))      # shift: sums of x - K_c do not cancel
     s = tl.zeros((BLOCK,), dtype=tl.float32)
     q = tl.zeros((BLOCK,), dtype=tl.float32)
     start = j * per_program
@@ -24,7 +24,7 @@ def bn_stats_kernel(x_ptr, partial_ptr, per_channel, per_program, inner, C, BLOC
     for k0 in range(start, stop, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         offs = (k // inner) * (C * inner) + c * inner + k % inner
-        v = tl.where(k < stop, tl.load(x_ptr + offs, mask=k < stop, other=0.0).to(tl.float32) - k_c, 0.0)
+        v = tl.where(k < stop, to_f32(tl.load(x_ptr + offs, mask=k < stop, other=0.0)) - k_c, 0.0)
         s += v
         q += v * v
     base = (c * tl.num_programs(1) + j) * 2
@@ -39,9 +39,9 @@ def bn_stats_bwd_kernel(g_ptr, x_ptr, out_ptr, a_ptr, b_ptr, n, inner, C, HAS_GR
     c = (offs // inner) % C
     a = tl.load(a_ptr + c, mask=valid, other=0.0)
     b = tl.load(b_ptr + c, mask=valid, other=0.0)
-    y = a + b * tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)   # dx = a_c + b_c x
+    y = a + b * to_f32(tl.load(x_ptr + offs, mask=valid, other=0.0))   # dx = a_c + b_c x
     if HAS_GRAD:
-        y = y + tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        y = y + to_f32(tl.load(g_ptr + offs, mask=valid, other=0.0))
     store_rounded(out_ptr, offs, y, valid)
 
 
