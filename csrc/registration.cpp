@@ -11,6 +11,7 @@
 #include "kernels.h"
 
 #ifdef ZSQFAST_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -44,10 +45,11 @@ struct OnDevice {
   c10::cuda::CUDAGuard guard;
   void* stream;
 };
-#define ZSQ_CUDA_BRANCH(t, ...) \
-  if ((t).is_cuda()) {          \
-    OnDevice dev(t);            \
-    __VA_ARGS__;                \
+#define ZSQ_CUDA_BRANCH(t, ...)      \
+  if ((t).is_cuda()) {               \
+    OnDevice dev(t);                 \
+    __VA_ARGS__;                     \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();  \
   } else
 #else
 #define ZSQ_CUDA_BRANCH(t, ...)

@@ -16,7 +16,8 @@ CIFAR_STD = (0.229, 0.224, 0.225)
 
 
 def data_dir(root: str | os.PathLike | None = None) -> Path:
-    """``root`` if given, else ``$ZSQFAST_DATA``, else ``../shared/data`` beside the repository."""
+    """``root`` if given, else ``$ZSQFAST_DATA``, else ``<repo root>/../shared/data`` (repo root: the parent
+    of the ``zsqfast`` package directory). The directory may not exist: loaders raise FileNotFoundError."""
     if root is not None:
         return Path(root)
     env = os.environ.get("ZSQFAST_DATA")
@@ -34,8 +35,12 @@ def data_file(*parts: str, root: str | os.PathLike | None = None) -> Path:
 
 
 def normalize(images_uint8_nhwc: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) RGB -> float32 (N, 3, H, W): pixels / 255, then (x - mean) / std."""
-    x = torch.as_tensor(np.asarray(images_uint8_nhwc)).permute(0, 3, 1, 2).float().div_(255.0)
+    """uint8 (N, H, W, 3) RGB (numpy or torch) -> float32 (N, 3, H, W): pixels / 255, then (x - mean) / std
+    with :data:`CIFAR_MEAN` / :data:`CIFAR_STD`, what the CIFAR checkpoints expect (no resize or crop)."""
+    x = torch.as_tensor(np.asarray(images_uint8_nhwc))
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.size(-1) != 3:
+        raise ValueError(f"normalize expects uint8 images (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous()

@@ -25,5 +25,6 @@ def build(name: str, num_classes: int | None = None) -> nn.Module:
     import timm
 
     if not timm.is_model(name):
-        raise ValueError(f"unknown model {name!r}: not a timm model name, 'torchvision:<name>' or 'cifar_resnet<depth>'")
+        raise ValueError(f"unknown model {name!r}: not a timm model name, 'torchvision:<name>' or "
+                         "'cifar_resnet<depth>'")
     return timm.create_model(name, pretrained=False, **kw)
