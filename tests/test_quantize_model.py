@@ -1,7 +1,6 @@
 """quantize_model on the models the issue names: complete swap, placement, FP model untouched, close to FP
 at 8 bits; errors, reports, calibration warnings, torch.compile."""
 import copy
-import os
 import warnings
 
 import pytest
