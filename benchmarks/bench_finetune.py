@@ -16,34 +16,14 @@ import os
 import sys
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zsqfast  # noqa: E402
 from _timing import bench, machine, write_csv  # noqa: E402
 from zsqfast.finetune import kd_loss, selective_ce  # noqa: E402
+from zsqfast.finetune.gradcam import reference_gradcam  # noqa: E402
 from zsqfast.models import build  # noqa: E402
-
-
-def official_cam(model, x):
-    """SynQ's procedure: hooks on the last conv, score.backward through the whole network."""
-    layer = [m for m in model.modules() if isinstance(m, nn.Conv2d)][-1]
-    store = {}
-    h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-    h2 = layer.register_full_backward_hook(lambda m, gi, go: store.__setitem__("g", go[0]))
-    model.zero_grad()
-    logits = model(x)
-    score = logits.gather(1, logits.argmax(1, keepdim=True))
-    score.backward(torch.ones_like(score))
-    h1.remove()
-    h2.remove()
-    a, g = store["a"].detach(), store["g"].detach()
-    alpha = g.mean(dim=(2, 3), keepdim=True).clamp(min=1e-10)
-    cam = F.interpolate(F.relu((alpha * a).sum(1, keepdim=True)), size=x.shape[-2:], mode="bilinear",
-                        align_corners=False).squeeze(1)
-    mn, mx = cam.flatten(1).min(1)[0].view(-1, 1, 1), cam.flatten(1).max(1)[0].view(-1, 1, 1)
-    return (cam - mn) / (mx - mn + 1e-10)
 
 
 def rfft_lowpass(x, d0):
@@ -72,7 +52,7 @@ def run(quick: bool) -> list[dict]:
                              ratio=f"{t['rfft2'] / v:.2f}x vs rfft2, {t['official fft2'] / v:.2f}x vs official"))
         with torch.no_grad():
             t_fwd = bench(lambda: fp(x), reps=5)
-        t_off = bench(lambda: official_cam(fp, x), reps=5)
+        t_off = bench(lambda: reference_gradcam(fp, x), reps=5)
         t_ours = bench(lambda: zsqfast.gradcam(fp, x), reps=5)
         for k, v in (("no-grad forward (floor)", t_fwd), ("official full backward", t_off), ("zsqfast head-only", t_ours)):
             rows.append(dict(part="Grad-CAM", case=case, impl=k, ms=round(v * 1e3, 1),

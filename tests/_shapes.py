@@ -35,3 +35,17 @@ def with_ties(x: torch.Tensor, scale: torch.Tensor, axis) -> torch.Tensor:
     ties = ((k + 0.5) * s).to(x.dtype)
     keep = (torch.arange(x.numel()).reshape(x.shape) % 3) != 0
     return torch.where(keep, x, ties)
+
+
+def tiny_bn_model(num_classes: int = 4, seed: int = 0):
+    """A small eval-mode CNN with two BatchNorm2d layers whose running statistics are non-trivial."""
+    import torch.nn as nn
+
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
+                      nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+    with torch.no_grad():
+        for bn in (m[1], m[4]):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 1.5)
+    return m.eval()

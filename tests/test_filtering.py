@@ -6,16 +6,7 @@ import torch.nn as nn
 import zsqfast
 from zsqfast.synthesis.filtering import bn_sensitivity_and_energy
 
-
-def _model():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2),
-                      nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
-    with torch.no_grad():
-        for bn in (m[1], m[4]):
-            bn.running_mean.uniform_(-0.3, 0.3)
-            bn.running_var.uniform_(0.5, 1.5)
-    return m
+from ._shapes import tiny_bn_model
 
 
 def _naive_discrepancy(model, x):
@@ -35,7 +26,7 @@ def _naive_discrepancy(model, x):
 
 
 def test_bn_sensitivity_matches_naive_leave_one_out():
-    model = _model()
+    model = tiny_bn_model()
     x = torch.randn(7, 3, 10, 10)
     x[2] *= 4  # an outlier
     energy, sens = bn_sensitivity_and_energy(model, x, batch_size=7)
@@ -49,7 +40,7 @@ def test_bn_sensitivity_matches_naive_leave_one_out():
 
 
 def test_filter_images_keeps_the_intersection():
-    model = _model()
+    model = tiny_bn_model()
     x = torch.randn(20, 3, 10, 10)
     r = zsqfast.filter_images(model, x, energy_keep=0.5, bn_keep=0.5, batch_size=10)
     low_e = set(torch.argsort(r.energy)[:10].tolist())
@@ -60,6 +51,6 @@ def test_filter_images_keeps_the_intersection():
 
 def test_filter_errors():
     with pytest.raises(ValueError, match="bn_keep"):
-        zsqfast.filter_images(_model(), torch.randn(4, 3, 8, 8), bn_keep=0.0)
+        zsqfast.filter_images(tiny_bn_model(), torch.randn(4, 3, 8, 8), bn_keep=0.0)
     with pytest.raises(ValueError, match="no BatchNorm2d"):
         zsqfast.filter_images(nn.Sequential(nn.Flatten(), nn.Linear(192, 2)), torch.randn(4, 3, 8, 8))

@@ -9,16 +9,7 @@ import zsqfast
 from zsqfast.data import data_dir
 from zsqfast.models import build
 
-
-def _tiny_bn_model():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2),
-                      nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
-    with torch.no_grad():
-        for bn in (m[1], m[4]):
-            bn.running_mean.uniform_(-0.3, 0.3)
-            bn.running_var.uniform_(0.5, 1.5)
-    return m
+from ._shapes import tiny_bn_model
 
 
 def test_cifar_resnet20_short_run_matches_statistics_and_labels():
@@ -37,7 +28,7 @@ def test_cifar_resnet20_short_run_matches_statistics_and_labels():
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    model = _tiny_bn_model()
+    model = tiny_bn_model()
     kw = dict(batch_size=4, iterations=6, seed=3, progress=False, input_shape=(3, 8, 8))
     full = zsqfast.synthesize(model, 10, **kw)
     part = zsqfast.synthesize(model, 10, out=tmp_path, max_batches=1, **kw)  # "interrupted" after batch 0
@@ -52,7 +43,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_rejects_a_different_run_in_the_same_directory(tmp_path):
-    model = _tiny_bn_model()
+    model = tiny_bn_model()
     kw = dict(batch_size=4, iterations=2, progress=False, input_shape=(3, 8, 8))
     zsqfast.synthesize(model, 4, out=tmp_path, seed=0, **kw)
     with pytest.raises(ValueError, match="seed"):
@@ -60,14 +51,14 @@ def test_rejects_a_different_run_in_the_same_directory(tmp_path):
 
 
 def test_incomplete_set_cannot_be_loaded(tmp_path):
-    zsqfast.synthesize(_tiny_bn_model(), 8, out=tmp_path, batch_size=4, iterations=1, max_batches=1,
+    zsqfast.synthesize(tiny_bn_model(), 8, out=tmp_path, batch_size=4, iterations=1, max_batches=1,
                        progress=False, input_shape=(3, 8, 8))
     with pytest.raises(ValueError, match="incomplete"):
         zsqfast.SyntheticDataset.load(tmp_path)
 
 
 def test_deepinversion_method_runs():
-    ds = zsqfast.synthesize(_tiny_bn_model(), 4, method="deepinversion", batch_size=4, iterations=3,
+    ds = zsqfast.synthesize(tiny_bn_model(), 4, method="deepinversion", batch_size=4, iterations=3,
                             progress=False, input_shape=(3, 8, 8))
     assert torch.isfinite(ds.images).all()
 

@@ -96,6 +96,32 @@ def gradcam(model: nn.Module, x: torch.Tensor, *, layer=None, target="pred", mod
     return (cam - lo) / (hi - lo + 1e-10)
 
 
+def reference_gradcam(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SynQ's official procedure (its gradcam.py), the semantics ``mode="synq"`` reproduces: hooks on the last
+    conv, each sample's predicted-class score back-propagated through the WHOLE network (parameter gradients
+    included), then the same weights / ReLU / upsample / min-max. Slow by design; for tests and benchmarks."""
+    layer = default_layer(model)
+    store = {}
+    h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+    h2 = layer.register_full_backward_hook(lambda m, gi, go: store.__setitem__("g", go[0]))
+    try:
+        model.zero_grad()
+        logits = model(x)
+        score = logits.gather(1, logits.argmax(1, keepdim=True))
+        score.backward(torch.ones_like(score))
+    finally:
+        h1.remove()
+        h2.remove()
+    a, g = store["a"].detach(), store["g"].detach()
+    while (g == 0).any():
+        g = g + 1e-10
+    alpha = g.mean(dim=(2, 3), keepdim=True).clamp(min=1e-10)
+    cam = F.interpolate(F.relu((alpha * a).sum(1, keepdim=True)), size=x.shape[-2:], mode="bilinear",
+                        align_corners=False).squeeze(1)
+    mn, mx = cam.flatten(1).min(1)[0].view(-1, 1, 1), cam.flatten(1).max(1)[0].view(-1, 1, 1)
+    return (cam - mn) / (mx - mn + 1e-10)
+
+
 def cam_alignment_loss(teacher: nn.Module, student: nn.Module, x: torch.Tensor, *, teacher_layer=None,
                        student_layer=None, mode: str = "synq") -> torch.Tensor:
     """SynQ's CAM loss: ``MSE(map_teacher, map_student)`` over B*H*W, the teacher's map detached, the
