@@ -38,6 +38,14 @@ void check_params(const at::Tensor& x, std::initializer_list<const at::Tensor*> 
   }
 }
 
+// grad must be laid out like x (the kernels walk both in x's memory order). Strides only matter when
+// there is more than one element: a 1-element gradient may come with stride 0 (an expanded scalar).
+void check_like(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() &&
+                  (x.numel() <= 1 || grad.strides() == x.strides()),
+              "zsqfast: grad must have x's shape, strides and dtype");
+}
+
 #ifdef ZSQFAST_WITH_CUDA
 // The current stream of t's device, with that device made current for the launch.
 struct OnDevice {
@@ -100,8 +108,7 @@ std::tuple<at::Tensor, at::Tensor> lsq_fake_quant_backward(const at::Tensor& gra
                                                            int64_t qmin, int64_t qmax, int64_t inner, int64_t C,
                                                            double grad_scale) {
   check_params(x, {&step, &inv_step}, C);
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.strides() == x.strides() && grad.scalar_type() == x.scalar_type(),
-              "zsqfast: grad must have x's shape, strides and dtype");
+  check_like(grad, x);
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor grad_step = at::empty({C}, step.options());
   const float *s = step.data_ptr<float>(), *inv = inv_step.data_ptr<float>();
@@ -128,8 +135,7 @@ at::Tensor bn_stats_backward(const std::optional<at::Tensor>& grad, const at::Te
   check_params(x, {&a, &b}, C);
   const void* g = nullptr;
   if (grad.has_value()) {
-    TORCH_CHECK(grad->sizes() == x.sizes() && grad->strides() == x.strides() && grad->scalar_type() == x.scalar_type(),
-                "zsqfast: grad must have x's shape, strides and dtype");
+    check_like(*grad, x);
     g = grad->data_ptr();
   }
   at::Tensor out = at::empty_like(x);

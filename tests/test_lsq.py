@@ -116,3 +116,13 @@ def test_errors():
         zsqfast.lsq_fake_quantize(x, torch.ones(4), 4, axis=1)
     with pytest.raises(TypeError, match="step"):
         zsqfast.lsq_fake_quantize(x, 0.1, 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_element_with_expanded_gradient(backend):
+    """``.sum().backward()`` of a 1-element output hands the op a stride-0 gradient."""
+    x = torch.tensor([[0.33]], requires_grad=True)
+    s = torch.tensor([0.1], requires_grad=True)
+    with zsqfast.use_backend(backend):
+        zsqfast.lsq_fake_quantize(x, s, 4).sum().backward()
+    assert x.grad.item() == 1.0 and s.grad.shape == (1,) and torch.isfinite(s.grad).all()

@@ -57,7 +57,15 @@ struct ChannelParams {
     for (int k = 0; k < 3; ++k) {
       if (!per_channel[k]) continue;
       tab[k].resize(size_t(P2 + kLanes));
-      for (int64_t p = 0; p < P2 + kLanes; ++p) tab[k][size_t(p)] = per_channel[k][((p % P) / inner) % C];
+      // position p holds channel (p / inner) % C: walk channels with counters (no division per entry)
+      int64_t c = 0, i = 0;
+      for (float& v : tab[k]) {
+        v = per_channel[k][c];
+        if (++i == inner) {
+          i = 0;
+          if (++c == C) c = 0;
+        }
+      }
     }
   }
   int64_t channel(int64_t o) const { return (o / inner) % C; }
