@@ -51,3 +51,26 @@ def write_csv(name: str, rows: list[dict]) -> str:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def cli(doc: str, name: str, run, columns: list[tuple[str, str]], legend: str = "") -> None:
+    """The shared ``main`` of the benchmarks: ``--threads`` / ``--quick``, the machine line, a warm-up, then
+    ``rows = run(quick)`` printed as a table (``columns`` = (key, format spec) pairs) and written to CSV."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (smoke run)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"machine: {machine()}")
+    warm = torch.randn(1 << 22)
+    bench(lambda: warm * 1.0)  # spin up the thread pool and the allocator before the first row
+    rows = run(args.quick)
+    widths = [max(len(k), len(f"{r[k]:{spec}}")) for k, spec in columns for r in rows[:1]]
+    print("  ".join(f"{k:>{w}}" if spec.endswith("f") else f"{k:{w}}" for (k, spec), w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(f"{r[k]:{spec}}" for k, spec in columns))
+    if legend:
+        print(legend)
+    print("csv:", write_csv(name, rows))

@@ -14,7 +14,6 @@ Run: python benchmarks/bench_fake_quant.py [--threads 2] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -22,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zsqfast  # noqa: E402
-from _timing import bench, machine, write_csv  # noqa: E402
+from _timing import bench, cli  # noqa: E402
 
 
 class ChainSTE(torch.autograd.Function):
@@ -121,22 +120,10 @@ def run_lsq(quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="smaller tensors (smoke run)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"machine: {machine()}")
-    warm = torch.randn(1 << 22)
-    bench(lambda: warm * 1.0)  # spin up the thread pool and the allocator before the first row
-    rows = run(args.quick)
-    print(f"{'case':36s} {'impl':18s} {'ms':>9s} {'x best-PyTorch':>15s} {'x floor':>8s}")
-    for r in rows:
-        print(f"{r['case']:36s} {r['impl']:18s} {r['ms']:9.3f} {r['vs_best_pytorch']:>15} {r['vs_floor']!s:>8}")
-    print("x best-PyTorch: speed-up over the faster of torch-fused and chain (LSQ rows: over torch-learnable);"
-          " x floor: time / floor time (1.0 = bandwidth floor)")
-    print("csv:", write_csv("bench_fake_quant", rows))
-
+    cli(__doc__, "bench_fake_quant", run,
+        [("case", "36s"), ("impl", "18s"), ("ms", "9.3f"), ("vs_best_pytorch", ">15"), ("vs_floor", ">8")],
+        "vs_best_pytorch: speed-up over the faster of torch-fused and chain (LSQ rows: over torch-learnable); "
+        "vs_floor: time / floor time (1.0 = bandwidth floor)")
 
 if __name__ == "__main__":
     main()

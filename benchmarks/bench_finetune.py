@@ -11,7 +11,6 @@ Run: python benchmarks/bench_finetune.py [--threads 2] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zsqfast  # noqa: E402
-from _timing import bench, machine, write_csv  # noqa: E402
+from _timing import bench, cli  # noqa: E402
 from zsqfast.finetune import kd_loss, selective_ce  # noqa: E402
 from zsqfast.finetune.gradcam import reference_gradcam  # noqa: E402
 from zsqfast.models import build  # noqa: E402
@@ -88,18 +87,8 @@ def run(quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"machine: {machine()}")
-    rows = run(args.quick)
-    print(f"{'part':15s} {'case':32s} {'impl':26s} {'ms':>9s}  ratio")
-    for r in rows:
-        print(f"{r['part']:15s} {r['case']:32s} {r['impl']:26s} {r['ms']:9.2f}  {r['ratio']}")
-    print("csv:", write_csv("bench_finetune", rows))
-
+    cli(__doc__, "bench_finetune", run,
+        [("part", "15s"), ("case", "32s"), ("impl", "26s"), ("ms", "9.2f"), ("ratio", "s")])
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,6 @@ Run: python benchmarks/bench_synthesis.py [--threads 2] [--quick]
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zsqfast  # noqa: E402
-from _timing import bench, machine, write_csv  # noqa: E402
+from _timing import bench, cli  # noqa: E402
 from zsqfast.models import build  # noqa: E402
 from zsqfast.ops.bn_stats import batch_stats  # noqa: E402
 
@@ -111,20 +110,10 @@ def model_rows(quick: bool) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"machine: {machine()}")
-    rows = layer_rows(args.quick) + model_rows(args.quick)
-    print(f"{'part':4s} {'case':40s} {'impl':22s} {'ms':>9s} {'added ms':>9s}  speed-up / overhead")
-    for r in rows:
-        print(f"{r['part']:4s} {r['case']:40s} {r['impl']:22s} {r['ms']:9.3f} {r['added_ms']:9.3f}  {r['speedup']}")
-    print("(a) added ms = time - time of the downstream use alone; speed-up = added ms of the faster reference hook "
-          "/ added ms of this implementation")
-    print("csv:", write_csv("bench_synthesis", rows))
-
+    cli(__doc__, "bench_synthesis", lambda quick: layer_rows(quick) + model_rows(quick),
+        [("part", "4s"), ("case", "40s"), ("impl", "22s"), ("ms", "9.3f"), ("added_ms", "9.3f"), ("speedup", "")],
+        "(a) added_ms = time - time of the downstream use alone; speedup = added ms of the faster reference hook "
+        "/ added ms of this implementation")
 
 if __name__ == "__main__":
     main()
