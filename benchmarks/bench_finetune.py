@@ -15,12 +15,11 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zsqfast  # noqa: E402
 from _timing import bench, cli  # noqa: E402
-from zsqfast.finetune import kd_loss, selective_ce  # noqa: E402
+from zsqfast.finetune.trainer import DEFAULTS, step_losses  # noqa: E402
 from zsqfast.finetune.gradcam import reference_gradcam  # noqa: E402
 from zsqfast.models import build  # noqa: E402
 
@@ -59,26 +58,19 @@ def run(quick: bool) -> list[dict]:
         q = zsqfast.calibrate(zsqfast.quantize_model(fp, 4, 4), [x[: max(2, batch // 4)]], freeze=True)
         opt = torch.optim.SGD(q.parameters(), lr=1e-6, momentum=0.9, nesterov=True)
 
-        def kd_step():
-            with torch.no_grad():
-                tl = fp(x)
-            s = q(x)
-            loss = kd_loss(s, tl) + 0.5 * F.cross_entropy(s, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        opts = dict(DEFAULTS, lambda_ce=5.0, lambda_cam=200.0)
 
-        def synq_step():
-            xf = zsqfast.gaussian_lowpass(x, 80.0)
-            with torch.no_grad():
-                tl = fp(xf)
-            s = q(xf)
-            ce, _ = selective_ce(s, tl, y)
-            loss = kd_loss(s, tl) + 5.0 * ce + 200.0 * zsqfast.cam_alignment_loss(fp, q, xf)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        def train_step(method):
+            def step():
+                xin = zsqfast.gaussian_lowpass(x, opts["d0"]) if method == "synq" else x
+                kd, ce, cam, _ = step_losses(method, fp, q, xin, y, opts)
+                loss = kd + opts["lambda_ce"] * ce + opts["lambda_cam"] * cam
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            return step
 
+        kd_step, synq_step = train_step("kd"), train_step("synq")
         t_kd, t_synq = bench(kd_step, reps=3), bench(synq_step, reps=3)
         rows.append(dict(part="train step", case=case, impl="KD step", ms=round(t_kd * 1e3, 1), ratio="1.00x"))
         rows.append(dict(part="train step", case=case, impl="SynQ step", ms=round(t_synq * 1e3, 1),

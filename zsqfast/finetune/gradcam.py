@@ -61,6 +61,38 @@ def _capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, differentiable
     return logits, store["a"]
 
 
+def capture(model: nn.Module, x: torch.Tensor, layer=None, differentiable: bool = False):
+    """Run ``model`` on x and return ``(logits, A)``, A the target layer's output (default: last Conv2d).
+
+    Without ``differentiable`` the front (up to A) runs without a graph and only the head keeps one, which is
+    all :func:`cam_from_activation` needs; use ``logits.detach()`` for anything else."""
+    return _capture(model, _resolve(model, layer), x, differentiable)
+
+
+def cam_from_activation(logits: torch.Tensor, a: torch.Tensor, size, *, target="pred", mode: str = "synq",
+                        differentiable: bool = False) -> torch.Tensor:
+    """Grad-CAM maps (B, *size) from the logits and the target activation of one forward pass (see
+    :func:`capture`): the gradient of each sample's score goes from the logits down to A only."""
+    if mode not in ("synq", "standard"):
+        raise ValueError(f"mode must be 'synq' or 'standard', got {mode!r}")
+    cls = logits.argmax(1) if isinstance(target, str) and target == "pred" else torch.as_tensor(target)
+    score = logits.gather(1, cls.view(-1, 1)).sum()
+    (grad,) = torch.autograd.grad(score, a, retain_graph=differentiable)
+    if mode == "synq":
+        for _ in range(8):  # SynQ: add 1e-10 while exact zeros remain
+            if not bool((grad == 0).any()):
+                break
+            grad = grad + 1e-10
+        alpha = grad.mean(dim=(2, 3), keepdim=True).clamp(min=1e-10)
+    else:
+        alpha = grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((alpha.detach() * a).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False).squeeze(1)
+    flat = cam.flatten(1)
+    lo, hi = flat.min(1)[0].view(-1, 1, 1), flat.max(1)[0].view(-1, 1, 1)
+    return (cam - lo) / (hi - lo + 1e-10)
+
+
 def gradcam(model: nn.Module, x: torch.Tensor, *, layer=None, target="pred", mode: str = "synq",
             differentiable: bool = False) -> torch.Tensor:
     """Grad-CAM maps of a batch: float (B, H, W) at the input resolution, each in [0, 1].
@@ -77,23 +109,8 @@ def gradcam(model: nn.Module, x: torch.Tensor, *, layer=None, target="pred", mod
         raise ValueError(f"mode must be 'synq' or 'standard', got {mode!r}")
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
-    logits, a = _capture(model, _resolve(model, layer), x, differentiable)
-    cls = logits.argmax(1) if isinstance(target, str) and target == "pred" else torch.as_tensor(target)
-    score = logits.gather(1, cls.view(-1, 1)).sum()
-    (grad,) = torch.autograd.grad(score, a, retain_graph=differentiable)
-    if mode == "synq":
-        for _ in range(8):  # SynQ: add 1e-10 while exact zeros remain
-            if not bool((grad == 0).any()):
-                break
-            grad = grad + 1e-10
-        alpha = grad.mean(dim=(2, 3), keepdim=True).clamp(min=1e-10)
-    else:
-        alpha = grad.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((alpha.detach() * a).sum(dim=1, keepdim=True))
-    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
-    flat = cam.flatten(1)
-    lo, hi = flat.min(1)[0].view(-1, 1, 1), flat.max(1)[0].view(-1, 1, 1)
-    return (cam - lo) / (hi - lo + 1e-10)
+    logits, a = capture(model, x, layer, differentiable)
+    return cam_from_activation(logits, a, x.shape[-2:], target=target, mode=mode, differentiable=differentiable)
 
 
 def reference_gradcam(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from ..nn import QuantAct
 from ..ops.lowpass import gaussian_lowpass
 from ..quantize_model import calibrate
 from ..synthesis.storage import atomic_write_bytes
-from .gradcam import cam_alignment_loss
+from .gradcam import cam_from_activation, capture
 from .losses import kd_loss, selective_ce
 
 DEFAULTS = dict(lr=1e-5, momentum=0.9, weight_decay=1e-4, temperature=20.0, alpha=20.0, lambda_ce=5.0,
@@ -54,6 +54,28 @@ def random_resized_crop_flip(x: torch.Tensor, g: torch.Generator, scale=(0.5, 1.
                              align_corners=False)
         out[i] = crop[0].flip(-1) if bool(torch.rand((), generator=g) < 0.5) else crop[0]
     return out
+
+
+def step_losses(method: str, fp_model: nn.Module, q_model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                opt: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """``(kd, ce, cam, n_selected)`` of one batch x (already augmented / filtered). For SynQ the CAM maps come
+    from the same two forward passes as the logits (teacher: graph-free front; each a head-only backward)."""
+    use_cam = method == "synq" and bool(opt["lambda_cam"])
+    if use_cam:
+        t_graph, a_t = capture(fp_model, x)
+        cam_t = cam_from_activation(t_graph, a_t, x.shape[-2:]).detach()
+        t = t_graph.detach()
+        s, a_s = capture(q_model, x, differentiable=True)
+    else:
+        with torch.no_grad():
+            t = fp_model(x)
+        s = q_model(x)
+    kd = kd_loss(s, t, opt["temperature"], opt["alpha"])
+    if method == "kd":
+        return kd, F.cross_entropy(s, y), torch.zeros(()), len(y)
+    ce, sel = selective_ce(s, t, y, opt["tau"])
+    cam = F.mse_loss(cam_from_activation(s, a_s, x.shape[-2:], differentiable=True), cam_t) if use_cam else torch.zeros(())
+    return kd, ce, cam, int(sel.sum())
 
 
 @torch.no_grad()
@@ -124,16 +146,7 @@ def finetune(fp_model: nn.Module, q_model: nn.Module, dataset, *, method: str = 
                 x = random_resized_crop_flip(x, g)
             if method == "synq":
                 x = torch.nan_to_num(gaussian_lowpass(x, opt["d0"]))
-            with torch.no_grad():
-                t = fp_model(x)
-            s = q_model(x)
-            kd = kd_loss(s, t, opt["temperature"], opt["alpha"])
-            if method == "kd":
-                ce, n_sel, cam = F.cross_entropy(s, y), len(y), torch.zeros(())
-            else:
-                ce, sel = selective_ce(s, t, y, opt["tau"])
-                n_sel = int(sel.sum())
-                cam = cam_alignment_loss(fp_model, q_model, x) if opt["lambda_cam"] else torch.zeros(())
+            kd, ce, cam, n_sel = step_losses(method, fp_model, q_model, x, y, opt)
             loss = kd + opt["lambda_ce"] * ce + opt["lambda_cam"] * cam
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"fine-tuning loss became {float(loss)} at epoch {epoch}, step {step}; "
