@@ -23,6 +23,7 @@ With CUDA, each process uses ``cuda:LOCAL_RANK`` and the data moves there (not r
 """
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -98,7 +99,9 @@ def finetune_ddp(fp_model: nn.Module, q_model: nn.Module, dataset, *, batch_size
     # the same ranges on every rank: calibrate on the same (first) batches, then freeze
     calibrate(q_model, images[: calib * batch_size].to(dev).split(batch_size), freeze=True)
     x, y = shard(images, labels, r, w)
-    ddp = nn.parallel.DistributedDataParallel(q_model, broadcast_buffers=False)
+    ddp_cls = nn.parallel.DistributedDataParallel
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp_cls).parameters else "broadcast_buffers"
+    ddp = ddp_cls(q_model, **{no_sync: False})
     rank_out = out if out is None or r == 0 else Path(str(out) + f"_rank{r}")
     eval_local = tuple(t.to(dev) for t in eval_data) if (eval_data is not None and r == 0) else None
     progress = kwargs.pop("progress", True) and r == 0

@@ -29,7 +29,7 @@ def load_npz(path: str, input_size, mean, std, n: int | None = None) -> tuple[to
         with np.load(path) as d:
             if "images" not in d or "labels" not in d:
                 raise ValueError(f"{path} must hold arrays 'images' (N, H, W, C uint8) and 'labels' (N,); "
-                                 f"it holds {sorted(d.keys())}")
+                                 f"it holds {sorted(d.keys())[:6]}")
             images, labels = d["images"][:n], d["labels"][:n]
     except (OSError, EOFError) as exc:  # not an npz / truncated
         raise ValueError(f"{path} is not a readable .npz file ({exc})") from None

@@ -85,6 +85,8 @@ class Manifest:
                 raise ValueError(f"{out} holds a different quantization run ({details}); use another output "
                                  "directory, or delete this one to start over")
             self.data = stored
+        elif self.path is not None:
+            self._write()  # claim the directory for this configuration before any stage runs
 
     def done(self, stage: str) -> bool:
         return stage in self.data["stages"]
@@ -94,8 +96,11 @@ class Manifest:
 
     def finish(self, stage: str, seconds: float, metrics: dict | None = None, **extra) -> None:
         self.data["stages"][stage] = dict(time_s=round(seconds, 3), metrics=metrics or {}, **extra)
+        self._write()
+
+    def _write(self) -> None:
         if self.path is not None and zdist.rank() == 0:
-            text = json.dumps(self.data, indent=1, sort_keys=True).encode()
+            text = json.dumps(self.data, indent=1).encode()  # stages in the order they finished
             atomic_write_bytes(self.path, lambda f: f.write(text))
 
 
