@@ -40,7 +40,7 @@ def _speed_lines(batch_shape) -> list[str]:
         reps.append((time.perf_counter() - t0) / 10)
     shape = "x".join(map(str, batch_shape))
     lines.append(f"low-pass filter {shape} (d0 80): zsqfast {reps[0] * 1e3:.2f} ms vs the official FFT code "
-                 f"{reps[1] * 1e3:.2f} ms ({reps[1] / reps[0]:.1f}x)")
+                 f"{reps[1] * 1e3:.2f} ms ({reps[1] / reps[0]:.2g}x)")
     return lines
 
 

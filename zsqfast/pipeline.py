@@ -218,8 +218,6 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     if isinstance(curve_data, str) and curve_data == "eval_data":
         curve_data = eval_data
     metrics: dict = {}
-    if eval_data is not None:
-        metrics["fp32_accuracy"] = evaluate(fp, *eval_data)
 
     # 1. synthesize (rank 0; resumable per batch inside synthesize())
     if dataset is None:
@@ -243,7 +241,8 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
         t0 = time.perf_counter()
         rtn = build_quantized(fp, config)
         calibrate(rtn, dataset.images[: opt["calib_batches"] * batch_size].split(batch_size), freeze=True)
-        m = {"rtn_accuracy": evaluate(rtn, *eval_data)} if eval_data is not None else {}
+        m = {"fp32_accuracy": evaluate(fp, *eval_data), "rtn_accuracy": evaluate(rtn, *eval_data)} \
+            if eval_data is not None else {}
         if out is not None and zdist.rank() == 0:
             save_model(out / "rtn.pt", rtn, config)
         zdist.barrier()
