@@ -78,7 +78,8 @@ def main(argv=None) -> int:
                 res[method] = zsqfast.quantize(fp, b, b, method=method, epochs=epochs, batch_size=batch,
                                                data=synth_dir, seed=args.seed, eval_data=(x, y), curve_data=None,
                                                out=os.path.join(root, f"resnet{depth}", f"w{b}a{b}_{method}"))
-            row = dict(model=f"ResNet-{depth}", bits=f"W{b}A{b}", fp32=res["kd"].metrics["fp32_accuracy"], rtn=res["kd"].metrics["rtn_accuracy"],
+            m_kd = res["kd"].metrics
+            row = dict(model=f"ResNet-{depth}", bits=f"W{b}A{b}", fp32=m_kd["fp32_accuracy"], rtn=m_kd["rtn_accuracy"],
                        kd=res["kd"].metrics["final_accuracy"], synq=res["synq"].metrics["final_accuracy"],
                        synth_s=t_synth, kd_s=res["kd"].metrics.get("finetune_time_s", 0.0),
                        synq_s=res["synq"].metrics.get("finetune_time_s", 0.0))

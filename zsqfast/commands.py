@@ -167,8 +167,10 @@ def cmd_eval(args) -> int:
 
     fp, q, config = _quantized(args)
     data = _eval_data(args, fp)
-    model, name = (fp, f"{args.model} FP32") if q is None else (q, f"{args.model} W{config['w_bits']}A{config['a_bits']} "
-                                                                   f"({config['method']})")
+    if q is None:
+        model, name = fp, f"{args.model} FP32"
+    else:
+        model, name = q, f"{args.model} W{config['w_bits']}A{config['a_bits']} ({config['method']})"
     acc = evaluate(model, *data, batch_size=args.batch_size)
     print(f"{name}: top-1 {acc:.2f} % on {len(data[1])} images of {args.eval_data}")
     return 0

@@ -100,7 +100,8 @@ def finetune_ddp(fp_model: nn.Module, q_model: nn.Module, dataset, *, batch_size
     calibrate(q_model, images[: calib * batch_size].to(dev).split(batch_size), freeze=True)
     x, y = shard(images, labels, r, w)
     ddp_cls = nn.parallel.DistributedDataParallel
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp_cls).parameters else "broadcast_buffers"
+    new_name = "forward_sync_buffers" in inspect.signature(ddp_cls).parameters  # torch >= 2.14 renamed it
+    no_sync = "forward_sync_buffers" if new_name else "broadcast_buffers"
     ddp = ddp_cls(q_model, **{no_sync: False})
     rank_out = out if out is None or r == 0 else Path(str(out) + f"_rank{r}")
     eval_local = tuple(t.to(dev) for t in eval_data) if (eval_data is not None and r == 0) else None
