@@ -18,8 +18,9 @@ def test_info():
     assert "CPU backends" in r.stdout and "data directory" in r.stdout
 
 
-def test_demo_without_data_uses_digits():
-    r = _cli("demo", "--quick", env_extra={"ZSQFAST_DATA": "/nonexistent-zsqfast-data"})
+def test_demo_without_data_uses_digits(tmp_path):
+    r = _cli("demo", "--quick", "--quiet", "--out", str(tmp_path),
+             env_extra={"ZSQFAST_DATA": "/nonexistent-zsqfast-data"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "DigitsCNN" in r.stdout and "W4A4 round-to-nearest" in r.stdout
     fp32 = float(next(ln for ln in r.stdout.splitlines() if ln.startswith("FP32")).split()[-1])

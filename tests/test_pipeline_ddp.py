@@ -33,3 +33,4 @@ def test_torchrun_two_processes_gloo(tmp_path):
     saved = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(saved[k], a["state"][k]) for k in saved)
     assert (tmp_path / "finetune" / "log.jsonl").exists() and (tmp_path / "finetune_rank1" / "checkpoint.pt").exists()
+    assert (tmp_path / "synthetic.pt").exists()  # the given set is kept with the run

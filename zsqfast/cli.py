@@ -3,7 +3,7 @@
     zsqfast info                  backends, CPU ISA, data directory
     zsqfast demo [--quick]        the README's main job: zero-shot W4A4 (FP32 / round-to-nearest / KD / SynQ
                                   accuracy), kernel speed, a Markdown report with pictures
-    zsqfast bench [--quick]       the fake-quantization benchmark (benchmarks/bench_fake_quant.py)
+    zsqfast bench [--quick] [--which NAME]   a benchmark (default benchmarks/bench_fake_quant.py)
     zsqfast quantize | synthesize | finetune | eval | export     the pipeline (zsqfast/commands.py)
 
 Exit codes: 0 success, 2 bad arguments or inputs (with a message saying what to do), 1 anything else
@@ -36,10 +36,13 @@ def _info(args) -> int:
 
 
 def _bench(args) -> int:
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_fake_quant.py")
+    name = "accuracy_cifar10.py" if args.which == "accuracy_cifar10" else f"bench_{args.which}.py"
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", name)
     if not os.path.exists(script):
         print(f"zsqfast bench: {script} not found (the benchmarks ship with the source checkout)", file=sys.stderr)
         return 2
+    if args.which == "accuracy_cifar10":  # --quick: the script's tiny budget
+        return subprocess.call([sys.executable, script, "--budget", "tiny" if args.quick else "reduced"])
     return subprocess.call([sys.executable, script] + (["--quick"] if args.quick else []))
 
 
@@ -63,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="report directory (default ./zsqfast_demo or ./zsqfast_demo_quick)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=_demo)
-    s = sub.add_parser("bench", help="run the fake-quantization benchmark")
+    s = sub.add_parser("bench", help="run a benchmark (default: fake quantization)")
     s.add_argument("--quick", action="store_true")
+    s.add_argument("--which", choices=("fake_quant", "synthesis", "finetune", "accuracy_cifar10"),
+                   default="fake_quant", help="benchmarks/bench_<which>.py, or accuracy_cifar10.py (--quick: tiny)")
     s.set_defaults(fn=_bench)
     from zsqfast.commands import add_commands
 

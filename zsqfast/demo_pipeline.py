@@ -96,7 +96,9 @@ def run_pipeline_demo(quick: bool = False, data: str | None = None, seed: int = 
     real = x_test[: len(synth.images)]
     spectra = {"real held-out images": zsqfast.amplitude_spectrum(real),
                "synthetic": zsqfast.amplitude_spectrum(synth.images),
-               f"synthetic, low-pass d0={d0:g}": zsqfast.amplitude_spectrum(filtered)}
+               f"synthetic, low-pass d0={d0:g}": zsqfast.amplitude_spectrum(filtered),
+               "synthetic, low-pass d0=20 (for comparison)":
+                   zsqfast.amplitude_spectrum(zsqfast.gaussian_lowpass(synth.images, 20.0))}
     figs.append(("spectrum.png", report.spectrum_figure(out / "spectrum.png", spectra)))
     shown = x_test[:8]
     q = results["synq"].model

@@ -2,7 +2,8 @@
 
 Stages, in order (each one's artifact under ``out/``)::
 
-    synthesize   synthetic/          shards + index of :func:`zsqfast.synthesize` (resumes per batch)
+    synthesize   synthetic/          shards + index of :func:`zsqfast.synthesize` (resumes per batch); with
+                                     ``data=`` tensors instead, synthetic.pt (a copy of them)
     quantize     rtn.pt              quantize_model + calibrate on the first ``calib_batches`` synthetic
                                      batches, ranges frozen: the zero-shot round-to-nearest model
     finetune     finetune/           :func:`zsqfast.finetune` checkpoint + log.jsonl (resumes per epoch)
@@ -228,6 +229,10 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
         else:
             config.update(data=_tensor_hash(dataset.images, dataset.labels), num_images=len(dataset.labels))
         man = Manifest(out, config)
+        if dataset is not None and out is not None and not isinstance(data, (str, Path)) and zdist.rank() == 0 \
+                and not (out / "synthetic.pt").exists():  # keep a copy of the given set with the run
+            payload = {"images": dataset.images.detach().cpu(), "labels": dataset.labels.detach().cpu()}
+            atomic_write_bytes(out / "synthetic.pt", lambda f: torch.save(payload, f))
         if isinstance(curve_data, str) and curve_data == "eval_data":
             curve_data = eval_data
         metrics: dict = {}
