@@ -154,7 +154,7 @@ def _grad_flags_kept(model: nn.Module):
             p.requires_grad_(flag)
 
 
-def _resolve_data(data, out: Path | None):
+def _resolve_data(data):
     """``data`` (None, a synthesize() directory, a SyntheticDataset or (images, labels)) -> dataset or None."""
     if data is None:
         return None
@@ -217,7 +217,9 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
             raise ValueError("export=True needs zsqfast.convert_to_integer (integer inference, issue 3), which this "
                              "build lacks; run without export, or update zsqfast")
     out = Path(out) if out is not None else None
-    dataset = _resolve_data(data, out)
+    if out is None and zdist.world_size() > 1:
+        raise ValueError("under torchrun quantize() needs out=: the ranks share rank 0's artifacts through it")
+    dataset = _resolve_data(data)
     with _grad_flags_kept(model):  # finetune() switches the teacher's requires_grad off
         fp = model.eval()
         config = dict(w_bits=wb, a_bits=ab, first_last_bits=first_last_bits, method=method, seed=seed,
