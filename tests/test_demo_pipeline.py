@@ -1,12 +1,16 @@
 """``zsqfast demo`` end to end on its tiny budget (digits: no data needed): accuracy, report, valid PNGs."""
+import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 import pytest
 
-from zsqfast.demo_pipeline import run_pipeline_demo
 from zsqfast.png import SIGNATURE, encode_png
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _decode_chunks(data: bytes):
@@ -37,21 +41,28 @@ def test_encode_png_roundtrip():
 
 
 def test_demo_digits_end_to_end(tmp_path):
-    res = run_pipeline_demo(quick=True, data=str(tmp_path / "no-data-here"), out=str(tmp_path / "demo"),
-                            progress=False)
-    acc = dict(res["rows"])
-    assert list(acc) == ["FP32", "W4A4 round-to-nearest", "W4A4 KD", "W4A4 SynQ"]
-    assert acc["FP32"] > 80.0
-    for name, a in acc.items():  # 10 classes: chance is 10 %
+    """``zsqfast demo --quick`` through the console script, without the data directory (digits path)."""
+    env = dict(os.environ, ZSQFAST_DATA=str(tmp_path / "no-data-here"))
+    cmd = [sys.executable, "-m", "zsqfast.cli", "demo", "--quick", "--quiet", "--out", str(tmp_path / "demo")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "DigitsCNN" in r.stdout
+    rows = {ln[:28].strip(): float(ln.split()[-1]) for ln in r.stdout.splitlines()
+            if ln.startswith(("FP32 ", "W4A4 "))}
+    assert list(rows) == ["FP32", "W4A4 round-to-nearest", "W4A4 KD", "W4A4 SynQ"]
+    assert rows["FP32"] > 80.0  # a trained model
+    for name, a in rows.items():  # 10 classes: chance is 10 %
         assert a > 30.0, (name, a)
-    text = res["report"].read_text()
+    assert "fake-quant fwd+bwd" in r.stdout and "low-pass filter" in r.stdout  # kernel speed ratios
+    report = tmp_path / "demo" / "report.md"
+    text = report.read_text()
     assert "| W4A4 SynQ |" in text
     from PIL import Image
 
-    for path in res["figures"]:
-        assert f"]({path.name})" in text
-        data = path.read_bytes()
-        (w, h, *_), raw = _decode_chunks(data)
+    for name in ("samples.png", "spectrum.png", "gradcam.png", "curves.png"):
+        path = report.parent / name
+        assert f"]({name})" in text
+        (w, h, *_), raw = _decode_chunks(path.read_bytes())
         assert w > 50 and h > 50 and len(raw) == h * (1 + 3 * w)
         with Image.open(path) as im:
             im.load()
