@@ -134,3 +134,17 @@ def test_data_dir_env_is_respected(monkeypatch, capsys):
     monkeypatch.setenv("ZSQFAST_DATA", os.path.join(os.sep, "nonexistent-zsqfast"))
     assert main(["eval", "--model", "cifar_resnet20", "--eval-data", "x.npz"]) == 2
     assert "ZSQFAST_DATA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["resnet18", "torchvision:resnet18"])
+def test_timm_and_torchvision_models_with_a_checkpoint(files, capsys, name):
+    from zsqfast.models import build
+
+    ckpt = files / f"{name.replace(':', '_')}.pth"
+    torch.manual_seed(0)
+    torch.save({"state_dict": build(name, num_classes=2).state_dict()}, ckpt)  # a training script's layout
+    assert _run("eval", "--model", name, "--checkpoint", ckpt, "--num-classes", 2, "--eval-data",
+                files / "folder") == 0  # 32x32 PNGs resized and center-cropped to 224
+    assert "on 4 images" in capsys.readouterr().out
+    assert _run("eval", "--model", name, "--checkpoint", ckpt, "--eval-data", files / "folder") == 2  # 1000 classes
+    assert "does not fit" in capsys.readouterr().err

@@ -194,6 +194,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _synth_methods() -> list[str]:
+    from .synthesis.engine import METHODS
+
+    return sorted(METHODS)
+
+
 def add_commands(sub) -> None:
     """Register the pipeline subcommands on the ``zsqfast`` parser's subparsers."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -206,7 +212,7 @@ def add_commands(sub) -> None:
     s.add_argument("--num-images", type=int, default=5120, help="synthetic images (default 5120)")
     s.add_argument("--synth-iterations", type=int, default=1000, help="synthesis iterations per batch (1000)")
     s.add_argument("--synth-batch-size", type=int, default=256)
-    s.add_argument("--synth-method", choices=("hast", "deepinversion"), default="hast")
+    s.add_argument("--synth-method", choices=_synth_methods(), default="hast")
     s.add_argument("--data", default=None, help="reuse this synthetic set (a 'zsqfast synthesize' --out directory)")
     s.add_argument("--export", action="store_true", help="also write the integer model (integer_model.pt)")
     _eval_args(s)
@@ -218,7 +224,7 @@ def add_commands(sub) -> None:
     s.add_argument("--num-images", type=int, default=5120)
     s.add_argument("--iterations", type=int, default=1000)
     s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--method", choices=("hast", "deepinversion"), default="hast")
+    s.add_argument("--method", choices=_synth_methods(), default="hast")
     _out_arg(s, "output directory of the shards (an existing run there is resumed)")
     s.set_defaults(fn=cmd_synthesize)
 
