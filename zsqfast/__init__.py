@@ -20,11 +20,13 @@ from . import models, nn  # noqa: E402
 from .quantize_model import calibrate, quantization_report, quantize_model  # noqa: E402
 from .finetune import cam_alignment_loss, finetune, gradcam  # noqa: E402
 from .synthesis import BNSLoss, SyntheticDataset, filter_images, synthesize  # noqa: E402
+from .pipeline import QuantizeResult, load_quantized, quantize  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["cam_alignment_loss", "finetune", "gradcam", "amplitude_spectrum", "gaussian_lowpass", "BNSLoss", "SyntheticDataset", "filter_images", "synthesize", "fake_quantize", "lsq_fake_quantize", "minmax_qparams", "quantize_model", "calibrate",
            "quantization_report", "models", "nn", "active_backend", "available_backends", "get_backend", "set_backend",
            "use_backend", "cpu_isa"]
+__all__ += ["QuantizeResult", "load_quantized", "quantize"]
 
 
 def cpu_isa() -> str:

@@ -1,0 +1,150 @@
+"""The pipeline subcommands of the ``zsqfast`` command line (in process, tiny budgets) and their errors."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from zsqfast.cli import main
+from zsqfast.models import cifar_resnet
+from zsqfast.png import write_png
+
+TINY = ["--num-images", "32", "--synth-iterations", "2", "--synth-batch-size", "16", "--epochs", "1",
+        "--batch-size", "16", "--calib-batches", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    torch.save(cifar_resnet(8).state_dict(), d / "r8.pth")
+    torch.save(cifar_resnet(14).state_dict(), d / "r14.pth")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    np.savez(d / "eval.npz", images=images, labels=rng.integers(0, 10, 24))
+    for i in range(4):  # an image folder with two classes
+        write_png(d / "folder" / f"class{i % 2}" / f"{i}.png", images[i])
+    return d
+
+
+def _run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+@pytest.fixture(scope="module")
+def quantized(files):
+    out = files / "run"
+    assert _run("quantize", "--model", "cifar_resnet8", "--checkpoint", files / "r8.pth", "--w-bits", 4,
+                "--a-bits", 4, "--out", out, "--eval-data", files / "eval.npz", *TINY) == 0
+    return out
+
+
+def test_help_on_every_subcommand(capsys):
+    for cmd in ("quantize", "synthesize", "finetune", "eval", "export", "bench", "demo", "info"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        assert "usage: zsqfast " + cmd in capsys.readouterr().out
+
+
+def test_console_entry_point_help():
+    r = subprocess.run([sys.executable, "-m", "zsqfast.cli", "quantize", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "--w-bits" in r.stdout
+
+
+def test_quantize_then_eval_and_resume(files, quantized, capsys):
+    for name in ("manifest.json", "model.pt", "rtn.pt", "synthetic/index.json", "finetune/log.jsonl"):
+        assert (quantized / name).exists(), name
+    capsys.readouterr()
+    assert _run("eval", "--quantized", quantized, "--eval-data", files / "eval.npz") == 0  # model from the config
+    assert "W4A4 (synq): top-1" in capsys.readouterr().out
+    assert _run("eval", "--model", "cifar_resnet8", "--checkpoint", files / "r8.pth", "--eval-data",
+                files / "folder") == 0
+    assert "on 4 images" in capsys.readouterr().out
+    # rerunning the same command resumes (everything is done: nothing recomputed, same exit code)
+    assert _run("quantize", "--model", "cifar_resnet8", "--checkpoint", files / "r8.pth", "--w-bits", 4,
+                "--a-bits", 4, "--out", quantized, "--eval-data", files / "eval.npz", *TINY) == 0
+
+
+def test_synthesize_then_finetune(files, capsys):
+    assert _run("synthesize", "--model", "cifar_resnet8", "--checkpoint", files / "r8.pth", "--num-images", 16,
+                "--iterations", 2, "--batch-size", 16, "--out", files / "syn", "--quiet") == 0
+    assert _run("finetune", "--model", "cifar_resnet8", "--checkpoint", files / "r8.pth", "--data", files / "syn",
+                "--w-bits", 3, "--a-bits", 3, "--method", "kd", "--epochs", 1, "--batch-size", 16,
+                "--calib-batches", 1, "--out", files / "ft", "--quiet") == 0
+    assert (files / "ft" / "model.pt").exists() and not (files / "ft" / "synthetic").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "--model", "cifar_resnet8", "--checkpoint", "{d}/r8.pth", "--w-bits", "9", "--a-bits", "4",
+      "--out", "{d}/x"], "--w-bits must be an integer in 2..8"),
+    (["quantize", "--model", "cifar_resnet8", "--checkpoint", "{d}/missing.pth", "--w-bits", "4", "--a-bits", "4",
+      "--out", "{d}/x"], "not found"),
+    (["quantize", "--model", "cifar_resnet8", "--checkpoint", "{d}/r14.pth", "--w-bits", "4", "--a-bits", "4",
+      "--out", "{d}/x"], "does not fit model"),
+    (["quantize", "--model", "resnet18", "--w-bits", "4", "--a-bits", "4", "--out", "{d}/x"], "needs --checkpoint"),
+    (["quantize", "--model", "no_such_net", "--checkpoint", "{d}/r8.pth", "--w-bits", "4", "--a-bits", "4",
+      "--out", "{d}/x"], "unknown model"),
+    (["quantize", "--model", "cifar_resnet8", "--checkpoint", "{d}/r8.pth", "--w-bits", "3", "--a-bits", "3",
+      "--out", "{d}/run"], "different quantization run"),
+    (["eval", "--quantized", "{d}/run", "--eval-data", "{d}/nothing.npz"], "not found"),
+    (["eval", "--quantized", "{d}/run", "--eval-data", "{d}/r8.pth"], "must hold arrays 'images'"),
+    (["eval", "--quantized", "{d}/nowhere", "--eval-data", "{d}/eval.npz"], "no model.pt"),
+    (["eval", "--model", "cifar_resnet14", "--checkpoint", "{d}/r14.pth", "--quantized", "{d}/run", "--eval-data",
+      "{d}/eval.npz"], "does not fit this model"),
+    (["finetune", "--model", "cifar_resnet8", "--checkpoint", "{d}/r8.pth", "--data", "{d}", "--w-bits", "4",
+      "--a-bits", "4", "--out", "{d}/y"], "no synthetic set"),
+])
+def test_bad_input_exit_2_with_advice(files, quantized, capsys, argv, message):
+    assert main([a.format(d=files) for a in argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(capsys):
+    for argv in (["quantize"], ["quantize", "--model", "m", "--w-bits", "four", "--a-bits", "4", "--out", "o"],
+                 ["eval", "--model", "x"], ["frobnicate"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+
+
+def test_runtime_failure_exit_1(files, quantized, monkeypatch, capsys):
+    import zsqfast
+
+    monkeypatch.delattr(zsqfast, "convert_to_integer", raising=False)
+    assert _run("export", "--quantized", quantized, "--out", files / "int.pt") == 1
+    assert "convert_to_integer" in capsys.readouterr().err
+    monkeypatch.setattr(sys.modules["zsqfast.finetune.trainer"], "evaluate", lambda *a, **k: 1 / 0)
+    assert _run("eval", "--quantized", quantized, "--eval-data", files / "eval.npz") == 1
+    assert "failed: ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_export_with_integer_support(files, quantized, monkeypatch):
+    import zsqfast
+
+    monkeypatch.setattr(zsqfast, "convert_to_integer", lambda q: torch.nn.Sequential(q), raising=False)
+    assert _run("export", "--quantized", quantized, "--out", files / "int.pt") == 0
+    assert "state_dict" in torch.load(files / "int.pt", weights_only=True)
+
+
+def test_data_dir_env_is_respected(monkeypatch, capsys):
+    monkeypatch.setenv("ZSQFAST_DATA", os.path.join(os.sep, "nonexistent-zsqfast"))
+    assert main(["eval", "--model", "cifar_resnet20", "--eval-data", "x.npz"]) == 2
+    assert "ZSQFAST_DATA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["resnet18", "torchvision:resnet18"])
+def test_timm_and_torchvision_models_with_a_checkpoint(files, capsys, name):
+    from zsqfast.models import build
+
+    ckpt = files / f"{name.replace(':', '_')}.pth"
+    torch.manual_seed(0)
+    torch.save({"state_dict": build(name, num_classes=2).state_dict()}, ckpt)  # a training script's layout
+    assert _run("eval", "--model", name, "--checkpoint", ckpt, "--num-classes", 2, "--eval-data",
+                files / "folder") == 0  # 32x32 PNGs resized and center-cropped to 224
+    assert "on 4 images" in capsys.readouterr().out
+    assert _run("eval", "--model", name, "--checkpoint", ckpt, "--eval-data", files / "folder") == 2  # 1000 classes
+    assert "does not fit" in capsys.readouterr().err

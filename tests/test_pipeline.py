@@ -1,0 +1,157 @@
+"""zsqfast.quantize(): stages, artifacts, determinism, resume after an interruption in each stage, bad input."""
+import json
+
+import pytest
+import torch
+
+import zsqfast
+from zsqfast import pipeline
+
+from ._tiny import tiny_images, tiny_model
+
+BUDGET = dict(num_images=32, synth_iterations=4, synth_batch_size=16, epochs=3, batch_size=16, seed=3,
+              progress=False, finetune_options=dict(lr=1e-3, calib_batches=1))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _run(out, **kw):
+    return zsqfast.quantize(tiny_model(), 4, 4, out=out, eval_data=tiny_images(16, seed=5), **dict(BUDGET, **kw))
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run (with a stand-in integer conversion so the export stage runs too)."""
+    out = tmp_path_factory.mktemp("ref")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(zsqfast, "convert_to_integer", _fake_convert, raising=False)
+    try:
+        res = _run(out, export=True)
+    finally:
+        mp.undo()
+    return out, res
+
+
+def _fake_convert(q):
+    """Stand-in for issue 3's converter: the pipeline only needs a module back."""
+    return torch.nn.Sequential(q)
+
+
+def test_artifacts_and_manifest(reference):
+    out, res = reference
+    for name in ("manifest.json", "synthetic/index.json", "rtn.pt", "model.pt", "integer_model.pt",
+                 "finetune/checkpoint.pt", "finetune/log.jsonl"):
+        assert (out / name).exists(), name
+    man = json.loads((out / "manifest.json").read_text())
+    assert list(man["stages"]) == ["synthesize", "quantize", "finetune", "export"]
+    assert man["config"]["w_bits"] == 4 and man["config"]["method"] == "synq"
+    assert len(res.history) == 3 and all("accuracy" in r for r in res.history)
+    for k in ("fp32_accuracy", "rtn_accuracy", "final_accuracy"):
+        assert 0.0 <= res.metrics[k] <= 100.0
+    # the saved model reloads to the returned one and gives the same outputs
+    q, config = zsqfast.load_quantized(out / "model.pt", tiny_model())
+    assert _same(q.state_dict(), res.model.state_dict()) and config["a_bits"] == 4
+    x = tiny_images(8, seed=9)[0]
+    assert torch.equal(q(x), res.model(x))
+    assert not _same(res.model.state_dict(), res.rtn_model.state_dict())  # fine-tuning changed the weights
+
+
+def test_deterministic_in_memory(reference):
+    _, ref = reference
+    res = _run(None)
+    assert _same(res.model.state_dict(), ref.model.state_dict())
+
+
+def _interrupt(monkeypatch, stage: str):
+    """Make ``stage`` fail part-way (after writing some of its work where it can)."""
+    if stage == "synthesize":
+        real = pipeline.synthesize
+
+        def fn(*a, **k):
+            real(*a, **dict(k, max_batches=1))  # one batch written, then the process "dies"
+            raise Interrupt(stage)
+        monkeypatch.setattr(pipeline, "synthesize", fn)
+    elif stage == "quantize":
+        monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: (_ for _ in ()).throw(Interrupt(stage)))
+    elif stage == "finetune":
+        real = pipeline.finetune
+
+        def fn(*a, **k):
+            real(*a, **dict(k, stop_after=1))  # one epoch checkpointed
+            raise Interrupt(stage)
+        monkeypatch.setattr(pipeline, "finetune", fn)
+    else:
+        monkeypatch.setattr(zsqfast, "convert_to_integer", lambda q: (_ for _ in ()).throw(Interrupt(stage)),
+                            raising=False)
+
+
+@pytest.mark.parametrize("stage", pipeline.STAGES)
+def test_resume_after_interruption(tmp_path, monkeypatch, reference, stage):
+    ref_out, ref = reference
+    with monkeypatch.context() as m:
+        m.setattr(zsqfast, "convert_to_integer", _fake_convert, raising=False)
+        _interrupt(m, stage)
+        with pytest.raises(Interrupt):
+            _run(tmp_path, export=True)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    done = list(man["stages"])
+    assert done == list(pipeline.STAGES[:pipeline.STAGES.index(stage)])
+    # finished stages must not run again: make them fail if they are called
+    with monkeypatch.context() as m:
+        m.setattr(zsqfast, "convert_to_integer", _fake_convert, raising=False)
+        if "synthesize" in done:
+            m.setattr(pipeline, "synthesize", lambda *a, **k: pytest.fail("synthesis ran again"))
+        if "finetune" in done:
+            m.setattr(pipeline, "finetune", lambda *a, **k: pytest.fail("fine-tuning ran again"))
+        if stage == "finetune":  # resumed from the epoch-1 checkpoint, not from scratch
+            real = pipeline.finetune
+            m.setattr(pipeline, "finetune", lambda *a, **k: _check_resumed(real, tmp_path, *a, **k))
+        res = _run(tmp_path, export=True)
+    assert _same(res.model.state_dict(), ref.model.state_dict())
+    assert res.history == ref.history
+    assert list(json.loads((tmp_path / "manifest.json").read_text())["stages"]) == list(pipeline.STAGES)
+    assert _same(torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"],
+                 torch.load(ref_out / "model.pt", weights_only=True)["state_dict"])
+
+
+def _check_resumed(real, run_dir, *a, **k):
+    state = torch.load(run_dir / "finetune" / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1
+    return real(*a, **k)
+
+
+def test_shared_synthetic_set(tmp_path, reference):
+    """``data=`` reuses a synthetic set (here the reference run's) and skips synthesis."""
+    ref_out, ref = reference
+    res = zsqfast.quantize(tiny_model(), 4, 4, method="kd", epochs=1, batch_size=16, data=ref_out / "synthetic",
+                           out=tmp_path, progress=False, finetune_options=dict(lr=1e-3, calib_batches=1))
+    assert not (tmp_path / "synthetic").exists() and (tmp_path / "model.pt").exists()
+    assert _same(res.rtn_model.state_dict(), ref.rtn_model.state_dict())  # same data -> same calibration
+
+
+def test_bad_inputs(tmp_path, monkeypatch, reference):
+    m = tiny_model()
+    with pytest.raises(ValueError, match="w_bits"):
+        zsqfast.quantize(m, 9, 4)
+    with pytest.raises(ValueError, match="a_bits"):
+        zsqfast.quantize(m, 4, 4.0)
+    with pytest.raises(ValueError, match="method"):
+        zsqfast.quantize(m, 4, 4, method="adaround")
+    with pytest.raises(ValueError, match="unknown fine-tuning options"):
+        zsqfast.quantize(m, 4, 4, finetune_options={"learning_rate": 1})
+    monkeypatch.delattr(zsqfast, "convert_to_integer", raising=False)
+    with pytest.raises(ValueError, match="convert_to_integer"):
+        zsqfast.quantize(m, 4, 4, export=True)
+    ref_out, _ = reference
+    with pytest.raises(ValueError, match="different quantization run.*w_bits"):
+        zsqfast.quantize(m, 3, 3, out=ref_out, **{k: v for k, v in BUDGET.items()})
+    with pytest.raises(ValueError, match="does not fit"):
+        other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 4))
+        zsqfast.load_quantized(ref_out / "model.pt", other.eval())

@@ -1,0 +1,98 @@
+"""Pretrained models by name for the command line and the pipeline: never downloads anything.
+
+* ``cifar_resnet<depth>``: the CIFAR ResNets; without ``checkpoint`` the pretrained ``resnet<depth>_cifar10.pt``
+  of the data directory (``$ZSQFAST_DATA``, default ``../shared/data``).
+* ``digits_cnn``: the demo's small BatchNorm CNN for 1x8x8 digits (needs ``checkpoint``).
+* ``torchvision:<name>`` or any timm model name (``resnet18``, ``deit_tiny_patch16_224``...): built with
+  random weights, then ``checkpoint`` (required: no weights are downloaded) is loaded into it.
+
+Checkpoints: a plain state_dict, or a dict holding one under ``state_dict`` / ``model`` / ``model_state_dict``;
+a ``module.`` prefix (DataParallel) is stripped. Loading is strict: a checkpoint of another architecture
+raises ValueError naming the first missing / unexpected / mis-shaped keys.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from .zoo import build
+
+
+def read_state_dict(path: str | os.PathLike) -> dict:
+    """The state_dict stored in ``path`` (see the module docstring for the accepted layouts)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found; pass the path of a .pth/.pt state_dict")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors, truncated files
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200]}); save it with torch.save(model.state_dict(), path)") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path} holds no state_dict (expected a dict of tensors); save it with "
+                         "torch.save(model.state_dict(), path)")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_state(model: nn.Module, state: dict, what: str) -> nn.Module:
+    """``model.load_state_dict(state, strict=True)`` with a ValueError saying what does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{label}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if items]
+        raise ValueError(f"{what} does not fit model {type(model).__name__} ({'; '.join(parts)}); check --model "
+                         "(and --num-classes) against the checkpoint")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_model(name: str, checkpoint: str | os.PathLike | None = None, *, num_classes: int | None = None,
+               root: str | os.PathLike | None = None) -> nn.Module:
+    """A pretrained float model in eval mode (module docstring). Raises ValueError / FileNotFoundError with
+    what to do for unknown names, missing checkpoints and checkpoints of another architecture."""
+    if name.startswith("cifar_resnet") and checkpoint is None:
+        from .cifar_resnet import load_cifar_resnet
+
+        depth = name[len("cifar_resnet"):]
+        if not depth.isdigit():
+            raise ValueError(f"unknown model {name!r}: use cifar_resnet20, cifar_resnet56, ...")
+        return load_cifar_resnet(int(depth), root=root)
+    if name == "digits_cnn":
+        from ..demo import DigitsCNN
+
+        model = DigitsCNN(num_classes=num_classes or 10)
+    else:
+        model = build(name, num_classes)
+    if checkpoint is None:
+        raise ValueError(f"--model {name} needs --checkpoint PATH: zsqfast never downloads weights (a model with "
+                         "random weights cannot be quantized meaningfully)")
+    return load_state(model, read_state_dict(checkpoint), f"checkpoint {checkpoint}").eval()
+
+
+def input_config(model: nn.Module) -> dict:
+    """``{"input_size": (C, H, W), "mean": (...), "std": (...)}``: a timm model's pretrained config, else the
+    CIFAR checkpoints' (3, 32, 32) with the ImageNet constants (1 channel for ``digits_cnn``)."""
+    from ..data import CIFAR_MEAN, CIFAR_STD
+
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and "input_size" in cfg:
+        return dict(input_size=tuple(cfg["input_size"]), mean=tuple(cfg.get("mean", CIFAR_MEAN)),
+                    std=tuple(cfg.get("std", CIFAR_STD)))
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and first.in_channels == 1:
+        return dict(input_size=(1, 8, 8), mean=(0.3,), std=(0.4,))  # zsqfast.demo.digits_data's scaling
+    if type(model).__module__.startswith("torchvision"):
+        return dict(input_size=(3, 224, 224), mean=CIFAR_MEAN, std=CIFAR_STD)
+    return dict(input_size=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD)

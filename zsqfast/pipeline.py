@@ -1,0 +1,314 @@
+"""zsqfast.quantize(): the whole zero-shot pipeline in one call, every stage resumable from ``out/``.
+
+Stages, in order (each one's artifact under ``out/``)::
+
+    synthesize   synthetic/          shards + index of :func:`zsqfast.synthesize` (resumes per batch); with
+                                     ``data=`` tensors instead, synthetic.pt (a copy of them)
+    quantize     rtn.pt              quantize_model + calibrate on the first ``calib_batches`` synthetic
+                                     batches, ranges frozen: the zero-shot round-to-nearest model
+    finetune     finetune/           :func:`zsqfast.finetune` checkpoint + log.jsonl (resumes per epoch)
+                 model.pt            the fine-tuned model: {"state_dict", "config"}
+    export       integer_model.pt    :func:`zsqfast.convert_to_integer` of model.pt (only with export=True)
+
+``out/manifest.json`` (written atomically: temp file + rename) holds the run's configuration, the model's
+fingerprint and, per finished stage, its wall time and metrics. A stage counts as done only once its artifact
+and the manifest entry naming it are both on disk, so an interrupted run, called again with the same
+arguments, skips the finished stages and resumes the one in progress (at the last synthetic batch / epoch
+written). Another configuration in the same ``out/`` raises ValueError saying what differs.
+
+Determinism: synthetic batch b depends on (seed, b) only, fine-tuning epoch e on (seed, e) only, so a run
+resumed at any point gives the same model as an uninterrupted one (same machine and thread count).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) fine-tuning runs data-parallel (:mod:`zsqfast.distributed`); the
+other stages run on rank 0 while the other ranks wait, then every rank reads rank 0's artifacts.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import distributed as zdist
+from .finetune import finetune
+from .finetune.trainer import DEFAULTS as FINETUNE_DEFAULTS
+from .finetune.trainer import evaluate
+from .nn.quant_layers import resolve_bits
+from .quantize_model import calibrate, quantize_model
+from .synthesis import SyntheticDataset, synthesize
+from .synthesis.engine import model_fingerprint
+from .synthesis.storage import atomic_write_bytes
+
+STAGES = ("synthesize", "quantize", "finetune", "export")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize` returns: the fake-quantized fine-tuned model, the zero-shot round-to-nearest
+    model, the integer model (``export=True``), metrics (accuracies when ``eval_data`` was given, wall times),
+    the fine-tuning history (per-epoch dicts) and the output directory."""
+
+    model: nn.Module
+    rtn_model: nn.Module
+    integer_model: nn.Module | None = None
+    metrics: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    out: Path | None = None
+
+
+def _tensor_hash(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Manifest:
+    """``out/manifest.json``: {"config": {...}, "stages": {name: {"time_s", "metrics", ...}}}, atomic writes."""
+
+    def __init__(self, out: Path | None, config: dict):
+        self.out, self.path = out, (out / MANIFEST if out is not None else None)
+        self.data = {"config": config, "stages": {}}
+        if self.path is not None and self.path.exists():
+            with open(self.path) as f:
+                stored = json.load(f)
+            diff = {k: (stored["config"].get(k), v) for k, v in config.items() if stored["config"].get(k) != v}
+            if diff:
+                details = "; ".join(f"{k}: stored {a!r}, requested {b!r}" for k, (a, b) in sorted(diff.items()))
+                raise ValueError(f"{out} holds a different quantization run ({details}); use another output "
+                                 "directory, or delete this one to start over")
+            self.data = stored
+        elif self.path is not None:
+            self._write()  # claim the directory for this configuration before any stage runs
+
+    def done(self, stage: str) -> bool:
+        return stage in self.data["stages"]
+
+    def metrics(self, stage: str) -> dict:
+        return self.data["stages"].get(stage, {}).get("metrics", {})
+
+    def finish(self, stage: str, seconds: float, metrics: dict | None = None, **extra) -> None:
+        self.data["stages"][stage] = dict(time_s=round(seconds, 3), metrics=metrics or {}, **extra)
+        self._write()
+
+    def _write(self) -> None:
+        if self.path is not None and zdist.rank() == 0:
+            text = json.dumps(self.data, indent=1).encode()  # stages in the order they finished
+            atomic_write_bytes(self.path, lambda f: f.write(text))
+
+
+def save_model(path: Path, model: nn.Module, config: dict) -> None:
+    """``{"state_dict", "config"}`` written atomically (loadable with ``torch.load(weights_only=True)``)."""
+    payload = {"state_dict": model.state_dict(), "config": config}
+    atomic_write_bytes(path, lambda f: torch.save(payload, f))
+
+
+def build_quantized(fp_model: nn.Module, config: dict) -> nn.Module:
+    """The (uncalibrated) fake-quantized structure of ``config`` around ``fp_model``, every parameter trainable
+    (even when ``fp_model``'s were switched off, as :func:`zsqfast.finetune` does to the teacher)."""
+    q = quantize_model(fp_model, config["w_bits"], config["a_bits"], first_last_bits=config.get("first_last_bits"))
+    for p in q.parameters():
+        p.requires_grad_(True)
+    return q
+
+
+def load_quantized(path: str | Path, fp_model: nn.Module) -> tuple[nn.Module, dict]:
+    """A model saved by :func:`quantize` (``rtn.pt`` / ``model.pt``) rebuilt around ``fp_model``.
+
+    Raises ValueError when the file is not such a model or does not fit ``fp_model``."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
+        raise ValueError(f"{path} is not a model saved by zsqfast quantize (expected keys 'state_dict' and "
+                         "'config'); pass the model.pt of a quantize output directory")
+    q = build_quantized(fp_model, payload["config"])
+    try:
+        q.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path} does not fit this model (was it quantized from another architecture?): "
+                         f"{str(exc).splitlines()[0]}") from None
+    return q.eval(), payload["config"]
+
+
+def _log(msg: str, progress: bool) -> None:
+    if progress and zdist.rank() == 0:
+        print(f"[zsqfast.quantize] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _grad_flags_kept(model: nn.Module):
+    """Restore ``model``'s parameters' ``requires_grad`` flags on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _resolve_data(data):
+    """``data`` (None, a synthesize() directory, a SyntheticDataset or (images, labels)) -> dataset or None."""
+    if data is None:
+        return None
+    if isinstance(data, (str, Path)):
+        return SyntheticDataset.load(data)
+    if hasattr(data, "images"):
+        return data
+    images, labels = data
+    return SyntheticDataset(images, labels, {"method": "external"})
+
+
+def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq", num_images: int = 5120,
+             synth_iterations: int = 1000, epochs: int = 100, out=None, export: bool = False, seed: int = 0,
+             synth_method: str = "hast", synth_batch_size: int = 256, batch_size: int = 256,
+             first_last_bits: int | None = None, data=None, eval_data=None, curve_data="eval_data",
+             progress: bool = True,
+             synth_options: dict | None = None, finetune_options: dict | None = None,
+             extra_config: dict | None = None) -> QuantizeResult:
+    """Zero-shot quantization of ``model`` end to end: synthesize -> quantize_model -> calibrate -> finetune
+    (-> convert_to_integer). See the module docstring for the stages and ``out/``.
+
+    Args:
+        model: the pretrained float classifier (with BatchNorm2d layers for the BNS synthesis); not modified.
+        w_bits, a_bits: 2..8.
+        method: fine-tuning: ``"synq"`` or ``"kd"``; ``epochs=0`` stops after round-to-nearest.
+        num_images, synth_iterations, synth_batch_size, synth_method, synth_options: :func:`zsqfast.synthesize`.
+        epochs, batch_size, finetune_options: :func:`zsqfast.finetune` (its DEFAULTS, e.g. ``lr``,
+            ``calib_batches``, also set the calibration of the round-to-nearest model).
+        out: directory for every artifact and the manifest; None keeps everything in memory.
+        export: also build the integer model (needs :func:`zsqfast.convert_to_integer`).
+        seed: every random choice derives from it.
+        first_last_bits: weight bits of the first and last layer (default ``w_bits``).
+        data: use this synthetic set instead of synthesizing (a synthesize() directory, a SyntheticDataset
+            or ``(images, labels)``), e.g. to compare KD and SynQ on the same images.
+        eval_data: held-out real ``(images, labels)``: FP32, round-to-nearest and final accuracy are
+            measured on it (never used to choose anything).
+        curve_data: held-out ``(images, labels)`` evaluated after every epoch (the log's accuracy curve);
+            default ``eval_data``; None skips the per-epoch evaluation.
+        extra_config: JSON-able entries stored in the config (e.g. how to rebuild the model).
+    Returns:
+        :class:`QuantizeResult`.
+    Raises:
+        ValueError: bad bits / method / budget, an ``out`` holding another run, export without integer support.
+    """
+    wb, ab = resolve_bits(w_bits, "w_bits", allow_float=False), resolve_bits(a_bits, "a_bits", allow_float=False)
+    if method not in ("synq", "kd"):
+        raise ValueError(f"method must be 'synq' or 'kd', got {method!r}")
+    if epochs < 0 or num_images < 1 or synth_iterations < 1 or batch_size < 1:
+        raise ValueError("num_images, synth_iterations and batch_size must be positive and epochs >= 0")
+    ft_opts = dict(finetune_options or {})
+    unknown = set(ft_opts) - set(FINETUNE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown fine-tuning options {sorted(unknown)}; known: {sorted(FINETUNE_DEFAULTS)}")
+    convert = None
+    if export:
+        import zsqfast
+
+        convert = getattr(zsqfast, "convert_to_integer", None)
+        if convert is None:
+            raise ValueError("export=True needs zsqfast.convert_to_integer (integer inference, issue 3), which this "
+                             "build lacks; run without export, or update zsqfast")
+    out = Path(out) if out is not None else None
+    if out is None and zdist.world_size() > 1:
+        raise ValueError("under torchrun quantize() needs out=: the ranks share rank 0's artifacts through it")
+    dataset = _resolve_data(data)
+    with _grad_flags_kept(model):  # finetune() switches the teacher's requires_grad off
+        fp = model.eval()
+        config = dict(w_bits=wb, a_bits=ab, first_last_bits=first_last_bits, method=method, seed=seed,
+                      epochs=epochs, batch_size=batch_size, finetune_options=ft_opts, model=model_fingerprint(fp),
+                      **(extra_config or {}))
+        if dataset is None:
+            config.update(num_images=num_images, synth_iterations=synth_iterations, synth_method=synth_method,
+                          synth_batch_size=synth_batch_size, synth_options=dict(synth_options or {}))
+        else:
+            config.update(data=_tensor_hash(dataset.images, dataset.labels), num_images=len(dataset.labels))
+        man = Manifest(out, config)
+        if dataset is not None and out is not None and not isinstance(data, (str, Path)) and zdist.rank() == 0 \
+                and not (out / "synthetic.pt").exists():  # keep a copy of the given set with the run
+            payload = {"images": dataset.images.detach().cpu(), "labels": dataset.labels.detach().cpu()}
+            atomic_write_bytes(out / "synthetic.pt", lambda f: torch.save(payload, f))
+        if isinstance(curve_data, str) and curve_data == "eval_data":
+            curve_data = eval_data
+        metrics: dict = {}
+
+        # 1. synthesize (rank 0; resumable per batch inside synthesize())
+        if dataset is None:
+            synth_dir = out / "synthetic" if out is not None else None
+            if not man.done("synthesize"):
+                t0 = time.perf_counter()
+                _log(f"synthesize: {num_images} images x {synth_iterations} iterations ({synth_method})", progress)
+                if zdist.rank() == 0:
+                    dataset = synthesize(fp, num_images, method=synth_method, batch_size=synth_batch_size,
+                                         iterations=synth_iterations, seed=seed, out=synth_dir, progress=progress,
+                                         **(synth_options or {}))
+                zdist.barrier()
+                man.finish("synthesize", time.perf_counter() - t0, artifact="synthetic")
+            if dataset is None:
+                dataset = SyntheticDataset.load(synth_dir) if synth_dir is not None else None
+        # 2. quantize_model + calibrate -> the zero-shot round-to-nearest model
+        opt = dict(FINETUNE_DEFAULTS, **ft_opts)
+        if man.done("quantize") and out is not None:
+            rtn, _ = load_quantized(out / "rtn.pt", fp)
+        else:
+            t0 = time.perf_counter()
+            rtn = build_quantized(fp, config)
+            calibrate(rtn, dataset.images[: opt["calib_batches"] * batch_size].split(batch_size), freeze=True)
+            m = {"fp32_accuracy": evaluate(fp, *eval_data), "rtn_accuracy": evaluate(rtn, *eval_data)} \
+                if eval_data is not None else {}
+            if out is not None and zdist.rank() == 0:
+                save_model(out / "rtn.pt", rtn, config)
+            zdist.barrier()
+            man.finish("quantize", time.perf_counter() - t0, m, artifact="rtn.pt")
+            _log(f"quantize: W{wb}A{ab} round-to-nearest" + (f", accuracy {m['rtn_accuracy']:.2f} %" if m else ""),
+                 progress)
+        metrics.update(man.metrics("quantize"))
+        # 3. finetune (resumable per epoch inside finetune(); data-parallel under torchrun)
+        history: list = []
+        if epochs == 0:
+            qmodel = rtn
+        elif man.done("finetune") and out is not None:
+            qmodel, _ = load_quantized(out / "model.pt", fp)
+            history = _read_log(out / "finetune" / "log.jsonl")
+        else:
+            t0 = time.perf_counter()
+            qmodel = copy.deepcopy(rtn)
+            ft_out = out / "finetune" if out is not None else None
+            kw = dict(method=method, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, **ft_opts)
+            if zdist.world_size() > 1:
+                res = zdist.finetune_ddp(fp, qmodel, dataset, out=ft_out, eval_data=curve_data, **kw)
+            else:
+                res = finetune(fp, qmodel, dataset, out=ft_out, eval_data=curve_data, **kw)
+            history = res["epochs"]
+            m = {"final_accuracy": evaluate(qmodel, *eval_data)} if eval_data is not None else {}
+            if out is not None and zdist.rank() == 0:
+                save_model(out / "model.pt", qmodel, config)
+            zdist.barrier()
+            man.finish("finetune", time.perf_counter() - t0, m, artifact="model.pt")
+        metrics.update(man.metrics("finetune"))
+        # 4. export
+        integer_model = None
+        if export:
+            t0 = time.perf_counter()
+            integer_model = convert(copy.deepcopy(qmodel).eval())
+            if out is not None and zdist.rank() == 0:
+                save_model(out / "integer_model.pt", integer_model, config)
+            man.finish("export", time.perf_counter() - t0, artifact="integer_model.pt")
+        for stage in STAGES:
+            if man.done(stage):
+                metrics[f"{stage}_time_s"] = man.data["stages"][stage]["time_s"]
+        return QuantizeResult(qmodel.eval(), rtn.eval(), integer_model, metrics, history, out)
+
+
+def _read_log(path: Path) -> list:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
