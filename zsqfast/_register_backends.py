@@ -37,3 +37,8 @@ for _name in CONTRACTS:
     register_impl(_name, "triton", _triton_impl(_name))
 for _name in CUDA_CONTRACTS:
     register_impl(_name, "cuda", _native(_name))
+#: low-bit integer contracts with Triton and CUDA kernels (issue 3; the cpp ones are registered separately)
+LOWBIT_GPU_CONTRACTS = ("lowbit_gemm", "lowbit_linear")
+for _name in LOWBIT_GPU_CONTRACTS:
+    register_impl(_name, "triton", _triton_impl(_name))
+    register_impl(_name, "cuda", _native(_name))
