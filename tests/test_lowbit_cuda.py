@@ -1,0 +1,126 @@
+"""CUDA low-bit GEMM / linear (csrc/cuda/lowbit_gemm.cu) and the Triton kernels on a real GPU.
+
+* Always (nvcc only, no GPU): tests/cpp/test_lowbit_cuda_emulation.cu runs the kernel's tile loader, fragment
+  loaders, accumulator coordinates, quantizer and epilogue on the host, with the MMAs emulated from the PTX
+  fragment tables, against a naive integer GEMM (the compile / spill check of the .cu is in
+  tests/test_cuda_compile.py with the other kernels).
+* Only where a CUDA GPU exists (skipped here, with the reason): the cuda backend, and the Triton kernels
+  compiled for the GPU (in a subprocess without TRITON_INTERPRET), bit for bit against the reference on the
+  awkward shapes of tests/test_lowbit_triton.py.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zsqfast
+from zsqfast import _ext
+from zsqfast.ops import lowbit_gemm as G
+from zsqfast.ops.lowbit_pack import LowbitWeight, pack_lowbit
+
+from .test_cuda_compile import NVCC, REPO, _run
+
+GEMM_CASES = [(1, 7, 77, 4), (33, 45, 300, 3), (5, 9, 130, 8), (3, 17, 64, 6), (2, 33, 128, 2), (40, 1, 257, 5),
+              (300, 260, 1000, 4)]
+LINEAR_CASES = [(1, 7, 77, 4, 4, False, True), (33, 45, 300, 4, 4, True, False), (17, 5, 129, 3, 3, False, True),
+                (9, 31, 200, 3, 3, True, True), (6, 11, 140, 8, 8, True, True), (4, 9, 64, 4, 8, False, False),
+                (5, 3, 100, 8, 4, False, True), (300, 260, 1000, 4, 4, False, True), (70, 130, 520, 3, 3, True, True)]
+
+
+def _gpu_skip_reason():
+    if not torch.cuda.is_available():
+        return "no CUDA GPU in this machine (the CUDA / Triton low-bit kernels are only compile-checked here)"
+    return None
+
+
+GPU_SKIP = _gpu_skip_reason()
+
+
+def test_kernel_code_emulated_on_host(tmp_path):
+    if not os.path.exists(NVCC):
+        pytest.skip(f"nvcc not found ({NVCC})")
+    exe = tmp_path / "test_lowbit_cuda_emulation"
+    r, _ = _run([NVCC, "-O2", "-std=c++17", "-I", os.path.join(REPO, "csrc"),
+                 "-gencode=arch=compute_80,code=compute_80",
+                 os.path.join(REPO, "tests", "cpp", "test_lowbit_cuda_emulation.cu"), "-o", str(exe)])
+    assert r.returncode == 0, r.stderr[-4000:]
+    r, _ = _run([str(exe)], timeout=120)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "0 failures" in r.stdout
+    print("\n" + r.stdout.strip().splitlines()[-1])
+
+
+def _weight(N, K, bits, seed, device):
+    g = torch.Generator().manual_seed(seed)
+    uw = torch.randint(0, 1 << bits, (N, K), generator=g)
+    scale = torch.rand(N, generator=g) * 0.1 + 0.01
+    zero = torch.randint(0, 1 << bits, (N,), generator=g).float()
+    w = LowbitWeight(pack_lowbit(uw, bits), scale, zero, bits, K)
+    return [t.to(device) for t in (w.packed, w.scale, w.zero_point, w.colsum)]
+
+
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+@pytest.mark.parametrize("M,N,K,wb", GEMM_CASES)
+def test_cuda_gemm_exact(M, N, K, wb):
+    if not _ext.has_cuda():
+        pytest.skip("the extension was built without CUDA sources")
+    packed, *_ = _weight(N, K, wb, M + N, "cuda")
+    a = torch.randint(0, 256, (M, K), dtype=torch.uint8, device="cuda")
+    got = torch.ops.zsqfast_ext.lowbit_gemm(a, packed, wb, K)
+    assert torch.equal(got.cpu(), G.reference_gemm(a.cpu(), packed.cpu(), wb, K))
+
+
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+@pytest.mark.parametrize("M,N,K,wb,ab,per_token,bias", LINEAR_CASES)
+def test_cuda_linear_exact(M, N, K, wb, ab, per_token, bias):
+    if not _ext.has_cuda():
+        pytest.skip("the extension was built without CUDA sources")
+    torch.manual_seed(M + N + K)
+    packed, sw, zw, cw = _weight(N, K, wb, K, "cuda")
+    x = torch.randn(M, K, device="cuda") * 2
+    sa, za = zsqfast.minmax_qparams(x, ab, axis=0) if per_token else zsqfast.minmax_qparams(x, ab)
+    b = torch.randn(N, device="cuda") if bias else None
+    args = (x, packed, sw, zw, cw, sa, za, ab, wb, K, b)
+    with zsqfast.use_backend("cuda"):
+        got = zsqfast.lowbit_linear(*args)
+    want = G.reference_linear(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in args])
+    assert torch.equal(got.cpu(), want)
+
+
+_TRITON_GPU_SCRIPT = r"""
+import torch, zsqfast
+from zsqfast.ops import lowbit_gemm as G
+from tests.test_lowbit_cuda import GEMM_CASES, LINEAR_CASES, _weight
+bad = []
+for M, N, K, wb in GEMM_CASES:
+    packed, *_ = _weight(N, K, wb, M + N, "cuda")
+    a = torch.randint(0, 256, (M, K), dtype=torch.uint8, device="cuda")
+    with zsqfast.use_backend("triton"):
+        got = G.lowbit_gemm(a, packed, wb, K)
+    if not torch.equal(got.cpu(), G.reference_gemm(a.cpu(), packed.cpu(), wb, K)):
+        bad.append(("gemm", M, N, K, wb))
+for M, N, K, wb, ab, per_token, bias in LINEAR_CASES:
+    packed, sw, zw, cw = _weight(N, K, wb, K, "cuda")
+    x = torch.randn(M, K, device="cuda") * 2
+    sa, za = zsqfast.minmax_qparams(x, ab, axis=0) if per_token else zsqfast.minmax_qparams(x, ab)
+    b = torch.randn(N, device="cuda") if bias else None
+    args = (x, packed, sw, zw, cw, sa, za, ab, wb, K, b)
+    with zsqfast.use_backend("triton"):
+        got = zsqfast.lowbit_linear(*args)
+    want = G.reference_linear(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in args])
+    if not torch.equal(got.cpu(), want):
+        bad.append(("linear", M, N, K, wb, ab, per_token, bias))
+print("BAD", bad)
+assert not bad
+"""
+
+
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+def test_triton_on_gpu_exact():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _TRITON_GPU_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
