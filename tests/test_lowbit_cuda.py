@@ -61,57 +61,58 @@ def _weight(N, K, bits, seed, device):
     return [t.to(device) for t in (w.packed, w.scale, w.zero_point, w.colsum)]
 
 
-@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
-@pytest.mark.parametrize("M,N,K,wb", GEMM_CASES)
-def test_cuda_gemm_exact(M, N, K, wb):
-    if not _ext.has_cuda():
-        pytest.skip("the extension was built without CUDA sources")
+def gemm_case(M, N, K, wb):
+    """``(args of lowbit_gemm on the GPU, the reference result)`` for one of GEMM_CASES."""
     packed, *_ = _weight(N, K, wb, M + N, "cuda")
     a = torch.randint(0, 256, (M, K), dtype=torch.uint8, device="cuda")
-    got = torch.ops.zsqfast_ext.lowbit_gemm(a, packed, wb, K)
-    assert torch.equal(got.cpu(), G.reference_gemm(a.cpu(), packed.cpu(), wb, K))
+    return (a, packed, wb, K), G.reference_gemm(a.cpu(), packed.cpu(), wb, K)
 
 
-@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
-@pytest.mark.parametrize("M,N,K,wb,ab,per_token,bias", LINEAR_CASES)
-def test_cuda_linear_exact(M, N, K, wb, ab, per_token, bias):
-    if not _ext.has_cuda():
-        pytest.skip("the extension was built without CUDA sources")
+def linear_case(M, N, K, wb, ab, per_token, bias):
+    """``(args of zsqfast.lowbit_linear on the GPU, the reference result)`` for one of LINEAR_CASES."""
     torch.manual_seed(M + N + K)
     packed, sw, zw, cw = _weight(N, K, wb, K, "cuda")
     x = torch.randn(M, K, device="cuda") * 2
     sa, za = zsqfast.minmax_qparams(x, ab, axis=0) if per_token else zsqfast.minmax_qparams(x, ab)
     b = torch.randn(N, device="cuda") if bias else None
     args = (x, packed, sw, zw, cw, sa, za, ab, wb, K, b)
+    return args, G.reference_linear(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in args])
+
+
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+@pytest.mark.parametrize("case", GEMM_CASES)
+def test_cuda_gemm_exact(case):
+    if not _ext.has_cuda():
+        pytest.skip("the extension was built without CUDA sources")
+    args, want = gemm_case(*case)
+    assert torch.equal(torch.ops.zsqfast_ext.lowbit_gemm(*args).cpu(), want)
+
+
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_cuda_linear_exact(case):
+    if not _ext.has_cuda():
+        pytest.skip("the extension was built without CUDA sources")
+    args, want = linear_case(*case)
     with zsqfast.use_backend("cuda"):
         got = zsqfast.lowbit_linear(*args)
-    want = G.reference_linear(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in args])
     assert torch.equal(got.cpu(), want)
 
 
 _TRITON_GPU_SCRIPT = r"""
 import torch, zsqfast
 from zsqfast.ops import lowbit_gemm as G
-from tests.test_lowbit_cuda import GEMM_CASES, LINEAR_CASES, _weight
+from tests.test_lowbit_cuda import GEMM_CASES, LINEAR_CASES, gemm_case, linear_case
 bad = []
-for M, N, K, wb in GEMM_CASES:
-    packed, *_ = _weight(N, K, wb, M + N, "cuda")
-    a = torch.randint(0, 256, (M, K), dtype=torch.uint8, device="cuda")
-    with zsqfast.use_backend("triton"):
-        got = G.lowbit_gemm(a, packed, wb, K)
-    if not torch.equal(got.cpu(), G.reference_gemm(a.cpu(), packed.cpu(), wb, K)):
-        bad.append(("gemm", M, N, K, wb))
-for M, N, K, wb, ab, per_token, bias in LINEAR_CASES:
-    packed, sw, zw, cw = _weight(N, K, wb, K, "cuda")
-    x = torch.randn(M, K, device="cuda") * 2
-    sa, za = zsqfast.minmax_qparams(x, ab, axis=0) if per_token else zsqfast.minmax_qparams(x, ab)
-    b = torch.randn(N, device="cuda") if bias else None
-    args = (x, packed, sw, zw, cw, sa, za, ab, wb, K, b)
-    with zsqfast.use_backend("triton"):
-        got = zsqfast.lowbit_linear(*args)
-    want = G.reference_linear(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in args])
-    if not torch.equal(got.cpu(), want):
-        bad.append(("linear", M, N, K, wb, ab, per_token, bias))
+with zsqfast.use_backend("triton"):
+    for case in GEMM_CASES:
+        args, want = gemm_case(*case)
+        if not torch.equal(G.lowbit_gemm(*args).cpu(), want):
+            bad.append(("gemm", case))
+    for case in LINEAR_CASES:
+        args, want = linear_case(*case)
+        if not torch.equal(zsqfast.lowbit_linear(*args).cpu(), want):
+            bad.append(("linear", case))
 print("BAD", bad)
 assert not bad
 """

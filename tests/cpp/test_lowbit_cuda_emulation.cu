@@ -17,23 +17,11 @@
 #include <vector>
 
 #include "cuda/lowbit_gemm.cu"
+#include "emulation_check.h"
 
 using namespace zsqfast::cuda_detail;
 
 namespace {
-
-int g_failures = 0, g_checks = 0;
-#define CHECK(cond, ...)                                \
-  do {                                                  \
-    ++g_checks;                                         \
-    if (!(cond)) {                                      \
-      ++g_failures;                                     \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__);  \
-      std::printf(__VA_ARGS__);                         \
-      std::printf("\n");                                \
-      return;                                           \
-    }                                                   \
-  } while (0)
 
 std::mt19937 rng(1234);
 int64_t pad_k(int64_t K) { return (K + 127) / 128 * 128; }
