@@ -91,19 +91,21 @@ def specializations():
 
 
 def lowbit_specializations():
-    """The low-bit GEMM / linear variants: both tile configurations of ``tiles`` (M <= 16 also with M = 1,
-    which the JIT folds), raw GEMM (A shifted) on nibble-packed, byte and 8-bit weights, and the fused
-    epilogue per tensor / per token, with and without bias, 4-bit and 8-bit operands; the activation
-    quantizer per tensor and per token. ``dtype`` is that of the output."""
+    """The low-bit GEMM / linear / conv variants: both tile configurations of ``tiles`` (M <= 16 also with
+    M = 1, which the JIT folds), raw GEMM (A shifted) on nibble-packed, byte and 8-bit weights, the fused
+    epilogue per tensor / per token, with and without bias, 4-bit and 8-bit operands, one group or several
+    (convolution); the activation quantizer per tensor and per token. ``dtype`` is that of the output."""
     gemm_sig = {"a_ptr": "*u8", "w_ptr": "*u8", "out_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "K_pad": "i32",
-                "stride_w": "i32", "ra_ptr": "*i32", "cw_ptr": "*i32", "za_ptr": "*i32", "zw_ptr": "*i32",
+                "stride_a": "i32", "stride_w": "i32", "stride_out": "i32", "ra_ptr": "*i32", "stride_ra": "i32",
+                "cw_ptr": "*i32", "za_ptr": "*i32", "zw_ptr": "*i32",
                 "sa_ptr": "*fp32", "sw_ptr": "*fp32", "bias_ptr": "*fp32", "PACKED": "constexpr",
                 "A_SHIFT": "constexpr", "W_SHIFT": "constexpr", "EPILOGUE": "constexpr", "PER_TOKEN": "constexpr",
                 "HAS_BIAS": "constexpr", "BM": "constexpr", "BN": "constexpr"}
     flags = ("PACKED", "A_SHIFT", "W_SHIFT", "EPILOGUE", "PER_TOKEN", "HAS_BIAS")
     cases = [("gemm[w4]", (1, 1, 0, 0, 0, 0)), ("gemm[w6]", (0, 1, 0, 0, 0, 0)), ("gemm[w8]", (0, 1, 1, 0, 0, 0)),
              ("linear[w4a4,per_tensor,bias]", (1, 0, 0, 1, 0, 1)), ("linear[w3a3,per_token]", (1, 0, 0, 1, 1, 0)),
-             ("linear[w4a8,per_tensor,bias]", (1, 1, 0, 1, 0, 1)), ("linear[w8a8,per_token,bias]", (0, 1, 1, 1, 1, 1))]
+             ("linear[w4a8,per_tensor,bias]", (1, 1, 0, 1, 0, 1)), ("linear[w8a8,per_token,bias]", (0, 1, 1, 1, 1, 1)),
+             ("conv[w4a4,grouped,bias]", (1, 0, 0, 1, 0, 1))]
     for m in (1, 16, 256):
         t = tiles(m)
         for name, bits in cases:
@@ -111,6 +113,8 @@ def lowbit_specializations():
                       LAUNCH_OPTIONS: {"num_warps": t["num_warps"], "num_stages": t["num_stages"]}}
             if m == 1:
                 consts["M"] = 1
+            if not name.startswith("conv"):  # one group: the JIT folds stride_ra = groups = 1
+                consts["stride_ra"] = 1
             sig = dict(gemm_sig, out_ptr="*fp32" if bits[3] else "*i32")
             tile = "M=1" if m == 1 else f"{t['BM']}x{t['BN']}"
             label = f"lowbit_{name[:-1]},{tile}]"
@@ -119,7 +123,7 @@ def lowbit_specializations():
     for per_token in (False, True):
         yield (f"lowbit_quantize_rows[{'per_token' if per_token else 'per_tensor'}]", "u8", *_variant(
             quantize_rows_kernel, {"x_ptr": "*fp32", "q_ptr": "*u8", "rowsum_ptr": "*i32", "inv_ptr": "*fp32",
-                                   "za_ptr": "*i32", "M": "i32", "K": "i32", "qmax": "fp32",
+                                   "za_ptr": "*i32", "M": "i32", "K": "i32", "stride_x": "i32", "qmax": "fp32",
                                    "PER_TOKEN": "constexpr", "BR": "constexpr", "BK": "constexpr"},
             {"PER_TOKEN": per_token, "BR": q["BR"], "BK": q["BK"], LAUNCH_OPTIONS: {"num_warps": q["num_warps"]}}))
 

@@ -58,23 +58,36 @@ def _as_i8(u, SHIFT: tl.constexpr):
 
 
 @triton.jit
-def lowbit_gemm_kernel(a_ptr, w_ptr, out_ptr, M, N, K, K_pad, stride_w,
-                       ra_ptr, cw_ptr, za_ptr, zw_ptr, sa_ptr, sw_ptr, bias_ptr,
+def lowbit_gemm_kernel(a_ptr, w_ptr, out_ptr, M, N, K, K_pad, stride_a, stride_w, stride_out,
+                       ra_ptr, stride_ra, cw_ptr, za_ptr, zw_ptr, sa_ptr, sw_ptr, bias_ptr,
                        PACKED: tl.constexpr, A_SHIFT: tl.constexpr, W_SHIFT: tl.constexpr,
                        EPILOGUE: tl.constexpr, PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr):
-    """a: uint8 (M, K) codes, row stride K; w: uint8 packed (N, stride_w) (stride_w = K_pad / 2 when PACKED,
-    else K_pad); out: int32 (M, N) accumulators, or fp32 (M, N) with EPILOGUE. Epilogue operands: ra int32
-    (M,), cw, zw int32 (N,), sw fp32 (N,), bias fp32 (N,); za int32 and sa fp32 (M,) with PER_TOKEN, else (1,).
-    Without EPILOGUE the shift corrections use sums taken here (ra_ptr .. bias_ptr are unused)."""
+    """a: uint8 (M, K) codes, row stride stride_a; w: uint8 packed (N, stride_w) (stride_w = K_pad / 2 when
+    PACKED, else K_pad); out: int32 (M, N) accumulators, or fp32 (M, N) with EPILOGUE, row stride stride_out.
+    Epilogue operands: ra int32 (M,) of stride stride_ra, cw, zw int32 (N,), sw fp32 (N,), bias fp32 (N,); za
+    int32 and sa fp32 (M,) with PER_TOKEN, else (1,). Without EPILOGUE the shift corrections use sums taken
+    here (ra_ptr .. bias_ptr are unused).
+
+    Grouped GEMM (a grouped convolution): program_id(2) = g takes columns g K .. g K + K - 1 of a, weight
+    rows and output columns g N .. g N + N - 1 and their per-channel operands, and ra[:, g]."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    g = tl.program_id(2)
+    a_ptr += g * K
+    w_ptr += g * N * stride_w
+    out_ptr += g * N
+    ra_ptr += g
+    cw_ptr += g * N
+    zw_ptr += g * N
+    sw_ptr += g * N
+    bias_ptr += g * N
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     j = tl.arange(0, HALF_K)
     m_ok = rm < M
     n_ok = rn < N
-    a_rows = a_ptr + rm[:, None] * K
+    a_rows = a_ptr + rm[:, None] * stride_a
     w_cols = w_ptr + rn[None, :] * stride_w
     acc = tl.zeros((BM, BN), dtype=tl.int32)
     asum = tl.zeros((BM,), dtype=tl.int32)
@@ -98,10 +111,10 @@ def lowbit_gemm_kernel(a_ptr, w_ptr, out_ptr, M, N, K, K_pad, stride_w,
                 wsum += tl.sum(b_lo.to(tl.int32), axis=0) + tl.sum(b_hi.to(tl.int32), axis=0)
         acc = tl.dot(_as_i8(a_lo, A_SHIFT), _as_i8(b_lo, W_SHIFT), acc, out_dtype=tl.int32)
         acc = tl.dot(_as_i8(a_hi, A_SHIFT), _as_i8(b_hi, W_SHIFT), acc, out_dtype=tl.int32)
-    out_offs = rm[:, None] * N + rn[None, :]
+    out_offs = rm[:, None] * stride_out + rn[None, :]
     out_ok = m_ok[:, None] & n_ok[None, :]
     if EPILOGUE:
-        ra = tl.load(ra_ptr + rm, mask=m_ok, other=0)
+        ra = tl.load(ra_ptr + rm * stride_ra, mask=m_ok, other=0)
         cw = tl.load(cw_ptr + rn, mask=n_ok, other=0)
         asum = ra
         wsum = cw
@@ -133,10 +146,16 @@ def lowbit_gemm_kernel(a_ptr, w_ptr, out_ptr, M, N, K, K_pad, stride_w,
 
 
 @triton.jit
-def quantize_rows_kernel(x_ptr, q_ptr, rowsum_ptr, inv_ptr, za_ptr, M, K, qmax, PER_TOKEN: tl.constexpr,
+def quantize_rows_kernel(x_ptr, q_ptr, rowsum_ptr, inv_ptr, za_ptr, M, K, stride_x, qmax, PER_TOKEN: tl.constexpr,
                          BR: tl.constexpr, BK: tl.constexpr):
-    """x fp32 (M, K) -> q uint8 (M, K) codes ``clamp(rne(x * inv) + za, 0, qmax)`` (NaN -> 0) and rowsum
-    int32 (M,) = sum_k q; inv fp32 and za int32 of shape (M,) with PER_TOKEN, else (1,). BR rows a program."""
+    """x fp32 (M, G K) -> q uint8 (M, G K) codes ``clamp(rne(x * inv) + za, 0, qmax)`` (NaN -> 0), both of
+    row stride stride_x, and rowsum int32 (M, G): rowsum[m, g] = sum of the codes of columns g K .. g K + K - 1
+    (G = the grid's second dimension: one group of a grouped convolution a program); inv fp32 and za int32
+    of shape (M,) with PER_TOKEN, else (1,). BR rows a program."""
+    g = tl.program_id(1)
+    x_ptr += g * K
+    q_ptr += g * K
+    rowsum_ptr += g
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     r_ok = rows < M
     if PER_TOKEN:
@@ -149,14 +168,14 @@ def quantize_rows_kernel(x_ptr, q_ptr, rowsum_ptr, inv_ptr, za_ptr, M, K, qmax, 
     for k0 in range(0, K, BK):
         cols = k0 + tl.arange(0, BK)
         ok = r_ok[:, None] & (cols < K)[None, :]
-        offs = rows[:, None] * K + cols[None, :]
+        offs = rows[:, None] * stride_x + cols[None, :]
         x = tl.load(x_ptr + offs, mask=ok, other=0.0)
         q = rne(x * inv[:, None]) + za[:, None]                         # as fake_quant: rne(x * (1/s)) + zp
         q = tl.where(q > qmax, qmax, tl.where(q >= 0.0, q, 0.0))        # clamp to [0, qmax]; NaN -> 0
         u = tl.where(ok, q.to(tl.int32), 0)
         tl.store(q_ptr + offs, u.to(tl.uint8), mask=ok)
         total += tl.sum(u, axis=1)
-    tl.store(rowsum_ptr + rows, total, mask=r_ok)
+    tl.store(rowsum_ptr + rows * tl.num_programs(1), total, mask=r_ok)
 
 
 def tiles(M: int) -> dict:
@@ -174,18 +193,19 @@ def quant_tiles() -> dict:
     return {"BR": 8, "BK": 512, "num_warps": 4} if interpreted() else {"BR": 4, "BK": 256, "num_warps": 4}
 
 
-def _launch_gemm(a, w_packed, w_bits, K, out, *, a_shift, epilogue=None):
-    M, N = a.size(0), w_packed.size(0)
+def _launch_gemm(a, w_packed, w_bits, K, out, *, a_shift, epilogue=None, groups=1):
+    """One launch of lowbit_gemm_kernel: a (M, groups K) codes, w_packed (groups N, ...), out (M, groups N)."""
+    M, N = a.size(0), w_packed.size(0) // groups
     K_pad = -(-K // BLOCK_K) * BLOCK_K
-    check_size(max(M * max(K, K_pad), N * K_pad, M * N))
+    check_size(max(a.numel(), w_packed.size(0) * K_pad, out.numel()))
     t = tiles(M)
     opts = {**COMPILE_OPTIONS, "num_warps": t["num_warps"], "num_stages": t["num_stages"]}
     e = epilogue or {}
     dummy = out
-    grid = (triton.cdiv(M, t["BM"]), triton.cdiv(N, t["BN"]))
+    grid = (triton.cdiv(M, t["BM"]), triton.cdiv(N, t["BN"]), groups)
     lowbit_gemm_kernel[grid](
-        a, w_packed, out, M, N, K, K_pad, w_packed.size(1),
-        e.get("ra", dummy), e.get("cw", dummy), e.get("za", dummy), e.get("zw", dummy), e.get("sa", dummy),
+        a, w_packed, out, M, N, K, K_pad, a.stride(0), w_packed.size(1), out.stride(0),
+        e.get("ra", dummy), groups, e.get("cw", dummy), e.get("za", dummy), e.get("zw", dummy), e.get("sa", dummy),
         e.get("sw", dummy), dummy if e.get("bias") is None else e["bias"],
         PACKED=w_bits <= 4, A_SHIFT=a_shift, W_SHIFT=w_bits == 8, EPILOGUE=epilogue is not None,
         PER_TOKEN=bool(e) and e["sa"].numel() > 1,
@@ -210,18 +230,32 @@ def lowbit_gemm(a, w_packed, w_bits, K):
     return out
 
 
-def quantize_rows(x, a_inv_scale, a_zero, a_bits):
-    """uint8 codes (M, K) of fp32 ``x`` (M, K) and their int32 row sums (M,) (see quantize_rows_kernel)."""
-    M, K = x.shape
-    check_size(M * K)
-    q = torch.empty((M, K), dtype=torch.uint8, device=x.device)
-    ra = torch.empty((M,), dtype=torch.int32, device=x.device)
+def quantize_rows(x, a_inv_scale, a_zero, a_bits, groups=1):
+    """uint8 codes (M, C) of fp32 ``x`` (M, C) contiguous and their int32 row sums (M, groups) over each of
+    the ``groups`` runs of C / groups columns (see quantize_rows_kernel)."""
+    M, C = x.shape
+    check_size(M * C)
+    q = torch.empty((M, C), dtype=torch.uint8, device=x.device)
+    ra = torch.empty((M, groups), dtype=torch.int32, device=x.device)
     if M:
         t = quant_tiles()
-        quantize_rows_kernel[(triton.cdiv(M, t["BR"]),)](
-            x, q, ra, a_inv_scale, a_zero, M, K, float((1 << a_bits) - 1), PER_TOKEN=a_inv_scale.numel() > 1,
-            BR=t["BR"], BK=t["BK"], **{**COMPILE_OPTIONS, "num_warps": t["num_warps"]})
+        quantize_rows_kernel[(triton.cdiv(M, t["BR"]), groups)](
+            x, q, ra, a_inv_scale, a_zero, M, C // groups, C, float((1 << a_bits) - 1),
+            PER_TOKEN=a_inv_scale.numel() > 1, BR=t["BR"], BK=t["BK"], **{**COMPILE_OPTIONS, "num_warps": t["num_warps"]})
     return q, ra
+
+
+def grouped_linear(x, w_packed, w_bits, K, w_scale, w_zero, w_colsum, a_scale, a_inv_scale, a_zero, a_bits, bias,
+                 groups=1):
+    """fp32 (M, groups N) of ``x`` (M, groups K): quantize once, then one grouped GEMM with the epilogue
+    (group g: columns g K .. of x, weight rows g N .., output columns g N ..)."""
+    M = x.size(0)
+    out = torch.empty((M, w_packed.size(0)), dtype=torch.float32, device=x.device)
+    if not out.numel():
+        return out
+    q, ra = quantize_rows(x, a_inv_scale, a_zero, a_bits, groups)
+    epi = {"ra": ra, "cw": w_colsum, "za": a_zero, "zw": w_zero, "sa": a_scale, "sw": w_scale, "bias": bias}
+    return _launch_gemm(q, w_packed, w_bits, K, out, a_shift=a_bits == 8, epilogue=epi, groups=groups)
 
 
 def lowbit_linear(x, w_packed, w_bits, K, w_scale, w_zero, w_colsum, a_scale, a_inv_scale, a_zero, a_bits, bias):
@@ -232,10 +266,5 @@ def lowbit_linear(x, w_packed, w_bits, K, w_scale, w_zero, w_colsum, a_scale, a_
         w_scale fp32, w_zero and w_colsum int32: (N,). a_scale, a_inv_scale fp32 and a_zero int32: (1,) per
         tensor or (M,) per token. a_bits: 2..8. bias: fp32 (N,) or None.
     """
-    M, N = x.size(0), w_packed.size(0)
-    out = torch.empty((M, N), dtype=torch.float32, device=x.device)
-    if not out.numel():
-        return out
-    q, ra = quantize_rows(x, a_inv_scale, a_zero, a_bits)
-    epi = {"ra": ra, "cw": w_colsum, "za": a_zero, "zw": w_zero, "sa": a_scale, "sw": w_scale, "bias": bias}
-    return _launch_gemm(q, w_packed, w_bits, K, out, a_shift=a_bits == 8, epilogue=epi)
+    return grouped_linear(x, w_packed, w_bits, K, w_scale, w_zero, w_colsum, a_scale, a_inv_scale, a_zero, a_bits,
+                        bias)

@@ -4,9 +4,9 @@
   loaders, accumulator coordinates, quantizer and epilogue on the host, with the MMAs emulated from the PTX
   fragment tables, against a naive integer GEMM (the compile / spill check of the .cu is in
   tests/test_cuda_compile.py with the other kernels).
-* Only where a CUDA GPU exists (skipped here, with the reason): the cuda backend, and the Triton kernels
-  compiled for the GPU (in a subprocess without TRITON_INTERPRET), bit for bit against the reference on the
-  awkward shapes of tests/test_lowbit_triton.py.
+* Only where a CUDA GPU exists (skipped here, with the reason): the cuda backend (lowbit_gemm,
+  lowbit_linear), and the Triton kernels compiled for the GPU (lowbit_gemm, lowbit_linear, lowbit_conv2d; in a
+  subprocess without TRITON_INTERPRET), bit for bit against the reference on awkward shapes.
 """
 import os
 import subprocess
@@ -27,6 +27,10 @@ GEMM_CASES = [(1, 7, 77, 4), (33, 45, 300, 3), (5, 9, 130, 8), (3, 17, 64, 6), (
 LINEAR_CASES = [(1, 7, 77, 4, 4, False, True), (33, 45, 300, 4, 4, True, False), (17, 5, 129, 3, 3, False, True),
                 (9, 31, 200, 3, 3, True, True), (6, 11, 140, 8, 8, True, True), (4, 9, 64, 4, 8, False, False),
                 (5, 3, 100, 8, 4, False, True), (300, 260, 1000, 4, 4, False, True), (70, 130, 520, 3, 3, True, True)]
+
+#: (C, OC, H, kernel, stride, padding, groups, w_bits, a_bits): dense, strided, grouped, depthwise, 1x1, W8A8
+CONV_CASES = [(6, 12, 9, 3, 2, 1, 1, 4, 4), (6, 9, 7, 3, 1, 1, 3, 3, 3), (32, 32, 14, 3, 1, 1, 32, 4, 4),
+              (64, 96, 8, 1, 1, 0, 1, 4, 4), (16, 24, 10, 3, 1, 1, 2, 8, 8)]
 
 
 def _gpu_skip_reason():
@@ -79,6 +83,20 @@ def linear_case(M, N, K, wb, ab, per_token, bias):
     return args, G.reference_linear(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in args])
 
 
+def conv_case(C, OC, H, k, stride, padding, groups, wb, ab):
+    """``(args, kwargs of zsqfast.lowbit_conv2d on the GPU, the reference result)`` for one of CONV_CASES."""
+    torch.manual_seed(C + OC)
+    x = torch.randn(2, C, H, H + 1, device="cuda")
+    packed, sw, zw, cw = _weight(OC, C // groups * k * k, wb, OC, "cuda")
+    sa, za = zsqfast.minmax_qparams(x, ab)
+    args = (x, packed, sw, zw, cw, sa, za, ab, wb, k)
+    kw = dict(stride=stride, padding=padding, groups=groups, bias=torch.randn(OC, device="cuda"))
+    with zsqfast.use_backend("reference"):
+        want = zsqfast.lowbit_conv2d(*[t.cpu() if isinstance(t, torch.Tensor) else t for t in args],
+                                     **{n: v.cpu() if isinstance(v, torch.Tensor) else v for n, v in kw.items()})
+    return args, kw, want
+
+
 @pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
 @pytest.mark.parametrize("case", GEMM_CASES)
 def test_cuda_gemm_exact(case):
@@ -102,7 +120,7 @@ def test_cuda_linear_exact(case):
 _TRITON_GPU_SCRIPT = r"""
 import torch, zsqfast
 from zsqfast.ops import lowbit_gemm as G
-from tests.test_lowbit_cuda import GEMM_CASES, LINEAR_CASES, gemm_case, linear_case
+from tests.test_lowbit_cuda import CONV_CASES, GEMM_CASES, LINEAR_CASES, conv_case, gemm_case, linear_case
 bad = []
 with zsqfast.use_backend("triton"):
     for case in GEMM_CASES:
@@ -113,6 +131,10 @@ with zsqfast.use_backend("triton"):
         args, want = linear_case(*case)
         if not torch.equal(zsqfast.lowbit_linear(*args).cpu(), want):
             bad.append(("linear", case))
+    for case in CONV_CASES:
+        args, kw, want = conv_case(*case)
+        if not torch.equal(zsqfast.lowbit_conv2d(*args, **kw).cpu(), want):
+            bad.append(("conv2d", case))
 print("BAD", bad)
 assert not bad
 """

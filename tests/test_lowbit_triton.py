@@ -104,7 +104,7 @@ def test_quantize_rows_codes_and_sums():
     inv = torch.reciprocal(sa.float())
     q, ra = T().quantize_rows(x, inv, za.int(), 4)
     ref = G.quantize_codes(x, sa.reshape(-1, 1), za.reshape(-1, 1), 4)
-    assert torch.equal(q, ref) and torch.equal(ra, ref.sum(1, dtype=torch.int32))
+    assert torch.equal(q, ref) and torch.equal(ra.reshape(-1), ref.sum(1, dtype=torch.int32))
 
 
 def test_gemm_rejects_k_beyond_shifted_bound():
@@ -112,3 +112,40 @@ def test_gemm_rejects_k_beyond_shifted_bound():
     with pytest.raises(ValueError, match="K <="):
         T().lowbit_gemm(torch.zeros(1, K, dtype=torch.uint8), torch.zeros(1, -(-K // 128) * 64, dtype=torch.uint8),
                         4, K)
+
+
+@pytest.mark.parametrize("C,OC,hw,k,stride,padding,dilation,groups,wb,ab,bias", [
+    (6, 12, (9, 8), 3, 2, 1, 1, 1, 4, 4, True),     # stride 2, padding, odd spatial size
+    (6, 9, (7, 7), 3, 1, 1, 1, 3, 3, 3, False),    # grouped, W3A3
+    (8, 8, (6, 5), 3, 1, 1, 1, 8, 4, 4, True),     # depthwise (MobileNetV2): K = 9
+    (5, 7, (8, 8), 1, 1, 0, 1, 1, 4, 8, True),     # 1x1, K = 5, A shifted
+    (4, 6, (10, 9), (3, 2), (2, 1), (2, 0), (2, 1), 2, 8, 8, False),  # rectangular, dilated, W8A8
+    (33, 16, (5, 5), 3, 1, 1, 1, 1, 4, 4, True),   # K = 297: three 128 blocks
+])
+def test_conv2d_exact(C, OC, hw, k, stride, padding, dilation, groups, wb, ab, bias):
+    torch.manual_seed(C * OC)
+    x = torch.randn(2, C, *hw)
+    ks = (k, k) if isinstance(k, int) else k
+    w = _weight(OC, C // groups * ks[0] * ks[1], wb, seed=OC)
+    sa, za = zsqfast.minmax_qparams(x, ab)
+    b = torch.randn(OC) if bias else None
+    args = (x, w.packed, w.scale, w.zero_point, w.colsum, sa, za, ab, wb, ks)
+    kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=b)
+    with zsqfast.use_backend("reference"):
+        want = zsqfast.lowbit_conv2d(*args, **kw)
+    with zsqfast.use_backend("triton"):
+        got = zsqfast.lowbit_conv2d(*args, **kw)
+    assert got.shape == want.shape and got.is_contiguous() and torch.equal(got, want)
+
+
+def test_conv2d_zero_point_outside_grid_with_padding():
+    """za outside [0, qmax]: zero padding has no code, the kernel defers to the reference (still exact)."""
+    x = torch.rand(1, 4, 6, 6) + 1.0                   # all positive: a grid [1, 2] would have za < 0
+    w = _weight(5, 4 * 9, 4, seed=9)
+    sa, za = torch.tensor([1.0 / 15]), torch.tensor([-15.0])
+    args = (x, w.packed, w.scale, w.zero_point, w.colsum, sa, za, 4, 4, 3)
+    with zsqfast.use_backend("reference"):
+        want = zsqfast.lowbit_conv2d(*args, padding=1)
+    with zsqfast.use_backend("triton"):
+        got = zsqfast.lowbit_conv2d(*args, padding=1)
+    assert torch.equal(got, want)

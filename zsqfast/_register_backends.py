@@ -42,3 +42,4 @@ LOWBIT_GPU_CONTRACTS = ("lowbit_gemm", "lowbit_linear")
 for _name in LOWBIT_GPU_CONTRACTS:
     register_impl(_name, "triton", _triton_impl(_name))
     register_impl(_name, "cuda", _native(_name))
+register_impl("lowbit_conv2d", "triton", _triton_impl("lowbit_conv2d"))  # im2col + the grouped Triton GEMM
