@@ -25,13 +25,15 @@ def lowbit_conv2d(x, w_packed, w_bits, K, w_scale, w_zero, w_colsum, a_scale, a_
 
     Args: as :func:`zsqfast.kernels.lowbit_gemm.lowbit_linear` (per-tensor activation grid of shape (1,)),
     plus the convolution geometry (pairs) and ``groups`` (dividing C and OC)."""
+    fallback = conv_ref.inexact_padding_reference(x, w_packed, w_bits, K, w_scale, w_zero, w_colsum, a_scale,
+                                                  a_inv_scale, a_zero, a_bits, bias, kernel_size, stride, padding,
+                                                  dilation, groups)
+    if fallback is not None:
+        return fallback
     B = x.size(0)
     OC = w_packed.size(0)
     (Ho, Wo) = [(x.size(2 + i) + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1
                 for i in (0, 1)]
-    if any(padding) and not 0 <= int(a_zero.reshape(-1)[0]) <= (1 << a_bits) - 1:
-        return conv_ref.reference(x, w_packed, w_scale, w_zero, w_colsum, a_scale, a_zero, a_bits, w_bits,
-                                  kernel_size, stride, padding, dilation, groups, bias)
     patches = F.unfold(x, list(kernel_size), list(dilation), list(padding), list(stride))  # (B, C kh kw, L)
     a = patches.transpose(1, 2).reshape(B * Ho * Wo, patches.size(1)).contiguous()
     y = grouped_linear(a, w_packed, w_bits, K, w_scale, w_zero, w_colsum, a_scale, a_inv_scale, a_zero, a_bits,

@@ -1,12 +1,12 @@
-"""CUDA low-bit GEMM / linear (csrc/cuda/lowbit_gemm.cu) and the Triton kernels on a real GPU.
+"""CUDA low-bit GEMM / linear / conv (csrc/cuda/lowbit_gemm.cu) and the Triton kernels on a real GPU.
 
-* Always (nvcc only, no GPU): tests/cpp/test_lowbit_cuda_emulation.cu runs the kernel's tile loader, fragment
-  loaders, accumulator coordinates, quantizer and epilogue on the host, with the MMAs emulated from the PTX
-  fragment tables, against a naive integer GEMM (the compile / spill check of the .cu is in
-  tests/test_cuda_compile.py with the other kernels).
-* Only where a CUDA GPU exists (skipped here, with the reason): the cuda backend (lowbit_gemm,
-  lowbit_linear), and the Triton kernels compiled for the GPU (lowbit_gemm, lowbit_linear, lowbit_conv2d; in a
-  subprocess without TRITON_INTERPRET), bit for bit against the reference on awkward shapes.
+* Always (nvcc only, no GPU): tests/cpp/test_lowbit_cuda_emulation.cu runs the kernels' quantizer, tile
+  loader, fragment loaders, accumulator coordinates, group offsets and epilogue on the host, with the MMAs
+  emulated from the PTX fragment tables, against naive integer math (the compile / spill check of the .cu
+  is in tests/test_cuda_compile.py with the other kernels).
+* Only where a CUDA GPU exists (skipped here, with the reason): the cuda backend and the Triton kernels
+  compiled for the GPU (in a subprocess without TRITON_INTERPRET), lowbit_gemm, lowbit_linear and
+  lowbit_conv2d, bit for bit against the reference on awkward shapes.
 """
 import os
 import subprocess
@@ -114,6 +114,17 @@ def test_cuda_linear_exact(case):
     args, want = linear_case(*case)
     with zsqfast.use_backend("cuda"):
         got = zsqfast.lowbit_linear(*args)
+    assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.skipif(GPU_SKIP is not None, reason=GPU_SKIP or "")
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_cuda_conv2d_exact(case):
+    if not _ext.has_cuda():
+        pytest.skip("the extension was built without CUDA sources")
+    args, kw, want = conv_case(*case)
+    with zsqfast.use_backend("cuda"):
+        got = zsqfast.lowbit_conv2d(*args, **kw)
     assert torch.equal(got.cpu(), want)
 
 

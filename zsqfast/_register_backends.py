@@ -43,3 +43,14 @@ for _name in LOWBIT_GPU_CONTRACTS:
     register_impl(_name, "triton", _triton_impl(_name))
     register_impl(_name, "cuda", _native(_name))
 register_impl("lowbit_conv2d", "triton", _triton_impl("lowbit_conv2d"))  # im2col + the grouped Triton GEMM
+
+
+def _cuda_lowbit_conv2d(*args):
+    """im2col + the grouped CUDA GEMM (zsqfast_ext::lowbit_conv2d); the reference where zero padding has no code."""
+    from .ops.lowbit_conv2d import inexact_padding_reference
+
+    y = inexact_padding_reference(*args)
+    return torch.ops.zsqfast_ext.lowbit_conv2d(*args) if y is None else y
+
+
+register_impl("lowbit_conv2d", "cuda", _cuda_lowbit_conv2d)

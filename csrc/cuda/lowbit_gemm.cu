@@ -175,10 +175,25 @@ ZSQ_HD uint8_t quant_byte(const float* xr, int64_t i, int64_t K, float inv, floa
   }
 }
 
+// Thread `tid` of `nthreads` writes its bytes of row r of the code workspace (rows of ld = K_pad or
+// K_pad / 2 bytes) from row r of x (rows of K floats) and returns the sum of their codes. Row r = m G + g is
+// group g of activation row m for a grouped GEMM.
+template <bool PACK4>
+ZSQ_HD int quant_row_part(const float* x, uint8_t* q, int64_t K, int64_t K_pad, int64_t r, float inv, float za,
+                          float qmax, int tid, int nthreads) {
+  const int64_t ld = PACK4 ? K_pad / 2 : K_pad;
+  const float* xr = x + r * K;
+  uint8_t* qr = q + r * ld;
+  int sum = 0;
+  for (int64_t i = tid; i < ld; i += nthreads) qr[i] = quant_byte<PACK4>(xr, i, K, inv, za, qmax, sum);
+  return sum;
+}
+
 struct LbEpilogue {
-  const int32_t *ra, *cw, *za, *zw;
+  const int32_t *ra, *cw, *za, *zw;  // ra[m * ra_stride]: row sums of the activation codes (of one group)
   const float *sa, *sw, *bias;
   bool per_token;
+  int64_t ra_stride;
 };
 
 ZSQ_HD float ll2f(int64_t v) {
@@ -192,7 +207,7 @@ ZSQ_HD float ll2f(int64_t v) {
 // y = fp32(c) * fp32(sa * sw) + bias, c = acc - zw ra - za cw + K za zw in int64
 ZSQ_HD float epilogue_value(int32_t acc, int64_t m, int64_t n, int64_t K, const LbEpilogue& e) {
   const int64_t za = e.za[e.per_token ? m : 0], zw = e.zw[n];
-  const int64_t c = int64_t(acc) - zw * e.ra[m] - za * e.cw[n] + K * za * zw;
+  const int64_t c = int64_t(acc) - zw * e.ra[m * e.ra_stride] - za * e.cw[n] + K * za * zw;
   const float y = mul_rn(ll2f(c), mul_rn(e.sa[e.per_token ? m : 0], e.sw[n]));
   return e.bias != nullptr ? add_rn(y, e.bias[n]) : y;
 }
@@ -200,13 +215,40 @@ ZSQ_HD float epilogue_value(int32_t acc, int64_t m, int64_t n, int64_t K, const 
 struct LbArgs {
   const uint8_t* a;  // (M, lda) codes: u8 natural order, or u4 half-block (A_U4); zero past K
   const uint8_t* w;  // (N, ldw) packed weights
-  void* out;         // int32 (M, N) accumulators, or fp32 (M, N) outputs (EPI)
-  int64_t lda, ldw, M, N, K, K_pad;
+  void* out;         // int32 (M, ldo) accumulators, or fp32 (M, ldo) outputs (EPI)
+  int64_t lda, ldw, ldo, M, N, K, K_pad;
   LbEpilogue e;
+  int64_t group_a;   // grouped GEMM (a grouped convolution): bytes of one group's codes in an A row
 };
 
+// Launch arguments (host): the raw GEMM on u8 codes (M, K_pad); lowbit_linear on the code workspace of
+// lowbit_quantize_kernel, `groups` groups of N / groups output channels.
+inline LbArgs gemm_args(const uint8_t* a, const uint8_t* w, int32_t* acc, int64_t M, int64_t N, int64_t K, int w_bits) {
+  const int64_t kp = (K + kLbBlockK - 1) / kLbBlockK * kLbBlockK;
+  return LbArgs{a, w, acc, kp, w_bits <= 4 ? kp / 2 : kp, N, M, N, K, kp, {}, 0};
+}
+inline LbArgs linear_args(const uint8_t* codes, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t K,
+                          int w_bits, bool int4, int64_t groups, const LbEpilogue& e) {
+  const int64_t kp = (K + kLbBlockK - 1) / kLbBlockK * kLbBlockK, group_a = int4 ? kp / 2 : kp;
+  return LbArgs{codes, w, y, groups * group_a, w_bits <= 4 ? kp / 2 : kp, N, M, N / groups, K, kp, e, group_a};
+}
+
+// The operands of group g of a grouped GEMM (blockIdx.z): A bytes g group_a .. of every row, weight rows and
+// output columns g N .. g N + N - 1 and their per-channel operands, row sums ra[m G + g] (ra_stride = G).
+ZSQ_HD LbArgs group_view(LbArgs a, int64_t g) {
+  a.a += g * a.group_a;
+  a.w += g * a.N * a.ldw;
+  if (a.e.ra != nullptr) {  // lowbit_linear / conv (the raw GEMM has no epilogue and one group)
+    a.out = static_cast<float*>(a.out) + g * a.N;
+    a.e.ra += g, a.e.cw += g * a.N, a.e.zw += g * a.N, a.e.sw += g * a.N;
+    if (a.e.bias != nullptr) a.e.bias += g * a.N;
+  }
+  return a;
+}
+
 template <class Tile, bool EPI>
-__global__ void __launch_bounds__(Tile::kThreads) lowbit_gemm_kernel(LbArgs args) {
+__global__ void __launch_bounds__(Tile::kThreads) lowbit_gemm_kernel(LbArgs all_groups) {
+  const LbArgs args = group_view(all_groups, blockIdx.z);
   __shared__ __align__(16) uint8_t smem[2 * Tile::kStageBytes];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / Tile::WN, wn = warp % Tile::WN;
@@ -259,16 +301,18 @@ __global__ void __launch_bounds__(Tile::kThreads) lowbit_gemm_kernel(LbArgs args
         acc_coord(lane, r, row, col);
         const int64_t m = m0 + (wm * Tile::MI + i) * 16 + row, n = n0 + (wn * Tile::NI + j) * 8 + col;
         if (m < args.M && n < args.N) {
-          if constexpr (EPI) static_cast<float*>(args.out)[m * args.N + n] = epilogue_value(acc[i][j][r], m, n, args.K, args.e);
-          else static_cast<int32_t*>(args.out)[m * args.N + n] = acc[i][j][r];
+          if constexpr (EPI) static_cast<float*>(args.out)[m * args.ldo + n] = epilogue_value(acc[i][j][r], m, n, args.K, args.e);
+          else static_cast<int32_t*>(args.out)[m * args.ldo + n] = acc[i][j][r];
         }
       }
     }
   }
 }
 
-// One block per row (grid-stride): codes of x[m, :] into q[m, :] (u8 natural order, or u4 half-block
-// layout when PACK4), zero past K, and rowsum[m] = sum of the codes.
+// One block per (row, group) (grid-stride over rows, blockIdx.y = group g of G = gridDim.y): codes of
+// x[m, g K .. g K + K - 1] (x rows of G K floats) into row m of q, bytes g ld .. g ld + ld - 1 (rows of G ld
+// bytes; u8 natural order, or u4 half-block layout when PACK4; ld = K_pad or K_pad / 2), zero past K, and
+// rowsum[m G + g] = the sum of those codes.
 template <bool PACK4>
 __global__ void __launch_bounds__(kLbQuantThreads) lowbit_quantize_kernel(const float* __restrict__ x,
                                                                           uint8_t* __restrict__ q,
@@ -278,12 +322,10 @@ __global__ void __launch_bounds__(kLbQuantThreads) lowbit_quantize_kernel(const 
                                                                           bool per_token, int64_t M, int64_t K,
                                                                           int64_t K_pad, float qmax) {
   __shared__ int red[kLbQuantThreads / 32];
-  const int64_t ld = PACK4 ? K_pad / 2 : K_pad;
+  const int64_t g = blockIdx.y, G = gridDim.y;
   for (int64_t m = blockIdx.x; m < M; m += gridDim.x) {
     const float iv = ldf(inv + (per_token ? m : 0)), z = float(__ldg(za + (per_token ? m : 0)));
-    const float* xr = x + m * K;
-    int sum = 0;
-    for (int64_t i = threadIdx.x; i < ld; i += kLbQuantThreads) q[m * ld + i] = quant_byte<PACK4>(xr, i, K, iv, z, qmax, sum);
+    int sum = quant_row_part<PACK4>(x, q, K, K_pad, m * G + g, iv, z, qmax, threadIdx.x, kLbQuantThreads);
     ZSQ_UNROLL
     for (int s = 16; s > 0; s >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, s);
     if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = sum;
@@ -291,7 +333,7 @@ __global__ void __launch_bounds__(kLbQuantThreads) lowbit_quantize_kernel(const 
     if (threadIdx.x == 0) {
       int total = 0;
       for (int w = 0; w < kLbQuantThreads / 32; ++w) total += red[w];
-      rowsum[m] = total;
+      rowsum[m * G + g] = total;
     }
     __syncthreads();
   }
@@ -306,17 +348,17 @@ namespace {
 using d::LargeU4, d::LargeU8W4, d::LargeU8W8, d::SmallU4, d::SmallU8W4, d::SmallU8W8;
 
 template <class Tile, bool EPI>
-void launch(const d::LbArgs& a, cudaStream_t s) {
-  const dim3 grid(unsigned((a.M + Tile::BM - 1) / Tile::BM), unsigned((a.N + Tile::BN - 1) / Tile::BN));
+void launch(const d::LbArgs& a, int64_t groups, cudaStream_t s) {
+  const dim3 grid(unsigned((a.M + Tile::BM - 1) / Tile::BM), unsigned((a.N + Tile::BN - 1) / Tile::BN), unsigned(groups));
   d::lowbit_gemm_kernel<Tile, EPI><<<grid, Tile::kThreads, 0, s>>>(a);
 }
 
 template <bool EPI>
-void dispatch(const d::LbArgs& a, bool int4, int w_bits, cudaStream_t s) {
+void dispatch(const d::LbArgs& a, bool int4, int w_bits, int64_t groups, cudaStream_t s) {
   const bool small = a.M <= 16;
-  if (int4) small ? launch<SmallU4, EPI>(a, s) : launch<LargeU4, EPI>(a, s);
-  else if (w_bits <= 4) small ? launch<SmallU8W4, EPI>(a, s) : launch<LargeU8W4, EPI>(a, s);
-  else small ? launch<SmallU8W8, EPI>(a, s) : launch<LargeU8W8, EPI>(a, s);
+  if (int4) small ? launch<SmallU4, EPI>(a, groups, s) : launch<LargeU4, EPI>(a, groups, s);
+  else if (w_bits <= 4) small ? launch<SmallU8W4, EPI>(a, groups, s) : launch<LargeU8W4, EPI>(a, groups, s);
+  else small ? launch<SmallU8W8, EPI>(a, groups, s) : launch<LargeU8W8, EPI>(a, groups, s);
 }
 
 int64_t pad_k(int64_t K) { return (K + d::kLbBlockK - 1) / d::kLbBlockK * d::kLbBlockK; }
@@ -337,26 +379,23 @@ int64_t lowbit_codes_row_bytes(int64_t K, int a_bits, int w_bits) {
 void lowbit_gemm(const uint8_t* a, const uint8_t* w_packed, int32_t* acc, int64_t M, int64_t N, int64_t K, int w_bits,
                  void* stream) {
   if (M <= 0 || N <= 0) return;
-  const int64_t kp = pad_k(K);
-  d::LbArgs args{a, w_packed, acc, kp, w_bits <= 4 ? kp / 2 : kp, M, N, K, kp, {}};
-  dispatch<false>(args, false, w_bits, static_cast<cudaStream_t>(stream));
+  dispatch<false>(d::gemm_args(a, w_packed, acc, M, N, K, w_bits), false, w_bits, 1, static_cast<cudaStream_t>(stream));
 }
 
 void lowbit_linear(const float* x, const uint8_t* w_packed, float* y, int64_t M, int64_t N, int64_t K, int w_bits,
                    const float* w_scale, const int32_t* w_zero, const int32_t* w_colsum, const float* a_scale,
                    const float* a_inv_scale, const int32_t* a_zero, bool per_token, int a_bits, const float* bias,
-                   uint8_t* codes, int32_t* rowsum, void* stream) {
-  if (M <= 0 || N <= 0) return;
+                   int64_t groups, uint8_t* codes, int32_t* rowsum, void* stream) {
+  if (M <= 0 || N <= 0 || groups <= 0) return;
   const auto s = static_cast<cudaStream_t>(stream);
   const bool int4 = lowbit_int4_path(a_bits, w_bits);
   const int64_t kp = pad_k(K);
-  const unsigned qgrid = unsigned(M < 65535 * 16 ? M : 65535 * 16);
+  const dim3 qgrid(unsigned(M < 65535 * 16 ? M : 65535 * 16), unsigned(groups));
   const float qmax = float((1 << a_bits) - 1);
   if (int4) d::lowbit_quantize_kernel<true><<<qgrid, d::kLbQuantThreads, 0, s>>>(x, codes, rowsum, a_inv_scale, a_zero, per_token, M, K, kp, qmax);
   else d::lowbit_quantize_kernel<false><<<qgrid, d::kLbQuantThreads, 0, s>>>(x, codes, rowsum, a_inv_scale, a_zero, per_token, M, K, kp, qmax);
-  const d::LbEpilogue e{rowsum, w_colsum, a_zero, w_zero, a_scale, w_scale, bias, per_token};
-  d::LbArgs args{codes, w_packed, y, int4 ? kp / 2 : kp, w_bits <= 4 ? kp / 2 : kp, M, N, K, kp, e};
-  dispatch<true>(args, int4, w_bits, s);
+  const d::LbEpilogue e{rowsum, w_colsum, a_zero, w_zero, a_scale, w_scale, bias, per_token, groups};
+  dispatch<true>(d::linear_args(codes, w_packed, y, M, N, K, w_bits, int4, groups, e), int4, w_bits, groups, s);
 }
 
 }  // namespace zsqfast::cuda

@@ -1,12 +1,15 @@
-// Host emulation of csrc/cuda/lowbit_gemm.cu (no GPU; nothing is launched). Runs, for every CTA of a launch,
-// the kernel's own __host__ __device__ tile loader (every thread's 16-byte copies into the 2 shared stages),
-// fragment loaders (every lane, every MMA step) and accumulator coordinates, with the tensor-core MMA
-// emulated from the PTX ISA's fragment tables (mma.m16n8k32 .u8 and mma.m16n8k64 .u4, coded here
-// independently of the kernel), then checks against a naive integer GEMM of the codes:
-//   * the u8 path on nibble-packed (2..4-bit) and byte (5..8-bit) weights, small and large tiles;
-//   * the int4 path on activations written by the kernel's own quant_byte in the half-block layout;
-//   * quant_byte (codes, padding, row sums) and epilogue_value (int64 zero-point correction, fp32 scale
-//     and bias) against a direct evaluation of the reference formulas.
+// Host emulation of csrc/cuda/lowbit_gemm.cu (no GPU; nothing is launched). Runs, for every group and CTA of
+// a launch built by the launchers' own gemm_args / linear_args, the kernel's __host__ __device__ code: the
+// quantizer's per-thread row part (quant_row_part), group_view, the tile loader (every thread's 16-byte
+// copies into the 2 shared stages), the fragment loaders (every lane, every MMA step), the accumulator
+// coordinates and the epilogue, with the tensor-core MMA emulated from the PTX ISA's fragment tables
+// (mma.m16n8k32 .u8 and mma.m16n8k64 .u4, coded here independently of the kernel); checks against naive
+// integer math:
+//   * the raw GEMM (u8 path) on nibble-packed (2..4-bit) and byte (5..8-bit) weights, small and large tiles;
+//   * lowbit_linear end to end on the int4 path (sm_8x) and the u8 path (sm_90), bit-exact fp32 outputs;
+//   * the grouped GEMM of a convolution (grouped, depthwise K = 9);
+//   * quant_byte (ties, +-Inf, NaN, padding) and epilogue_value (int64 zero-point correction, fp32 scale
+//     and bias) on their own.
 // Shapes: M = 1, odd N, K not a multiple of 128, several CTAs in both grid dimensions.
 // Build: nvcc -std=c++17 -I csrc -gencode arch=compute_80,code=compute_80 tests/cpp/test_lowbit_cuda_emulation.cu
 // Exit code 0 = pass.
@@ -61,57 +64,61 @@ void mma_emulated(bool u4, const uint32_t a[32][4], const uint32_t b[32][2], int
     }
 }
 
-// The kernel's CTA loop on the host: returns acc (M, N).
-template <class Tile>
-std::vector<int32_t> emulate_gemm(const std::vector<uint8_t>& a, int64_t lda, const std::vector<uint8_t>& w,
-                                  int64_t ldw, int64_t M, int64_t N, int64_t K) {
-  const int64_t kp = pad_k(K), blocks = kp / 128;
-  std::vector<int32_t> out(M * N, -7);
+// The kernel's grid on the host for the launch arguments `all` (gemm_args / linear_args): every group
+// (blockIdx.z, through group_view), every CTA, every thread's tile copies, every lane's fragments; stores
+// the int32 accumulators, or (EPI) epilogue_value, as the kernel does.
+template <class Tile, bool EPI>
+void emulate(const LbArgs& all, int64_t groups) {
+  const int64_t blocks = all.K_pad / 128;
   std::vector<uint8_t> smem(2 * Tile::kStageBytes);
-  for (int64_t bx = 0; bx * Tile::BM < M; ++bx)      // blockIdx.x: M tiles
-    for (int64_t by = 0; by * Tile::BN < N; ++by) {  // blockIdx.y: N tiles
-      const int64_t m0 = bx * Tile::BM, n0 = by * Tile::BN;
-      constexpr int W = Tile::WM * Tile::WN;
-      static int32_t acc[W][Tile::MI][Tile::NI][32][4];
-      std::memset(acc, 0, sizeof acc);
-      for (int64_t kb = 0; kb < blocks; ++kb) {
-        uint8_t* st = smem.data() + (kb & 1) * Tile::kStageBytes;
-        std::memset(st, 0xCD, Tile::kStageBytes);  // garbage where the loader writes nothing
-        for (int tid = 0; tid < Tile::kThreads; ++tid) {
-          load_tile<Tile::BM, Tile::kABytes, Tile::kSA>(st, a.data(), lda, m0, M, kb, tid, Tile::kThreads);
-          load_tile<Tile::BN, Tile::kBBytes, Tile::kSB>(st + Tile::BM * Tile::kSA, w.data(), ldw, n0, N, kb, tid,
-                                                        Tile::kThreads);
+  constexpr int W = Tile::WM * Tile::WN;
+  static int32_t acc[W][Tile::MI][Tile::NI][32][4];
+  for (int64_t gz = 0; gz < groups; ++gz) {
+    const LbArgs args = group_view(all, gz);
+    for (int64_t bx = 0; bx * Tile::BM < args.M; ++bx)      // blockIdx.x: M tiles
+      for (int64_t by = 0; by * Tile::BN < args.N; ++by) {  // blockIdx.y: N tiles
+        const int64_t m0 = bx * Tile::BM, n0 = by * Tile::BN;
+        std::memset(acc, 0, sizeof acc);
+        for (int64_t kb = 0; kb < blocks; ++kb) {
+          uint8_t* st = smem.data() + (kb & 1) * Tile::kStageBytes;
+          std::memset(st, 0xCD, Tile::kStageBytes);  // garbage where the loader writes nothing
+          for (int tid = 0; tid < Tile::kThreads; ++tid) {
+            load_tile<Tile::BM, Tile::kABytes, Tile::kSA>(st, args.a, args.lda, m0, args.M, kb, tid, Tile::kThreads);
+            load_tile<Tile::BN, Tile::kBBytes, Tile::kSB>(st + Tile::BM * Tile::kSA, args.w, args.ldw, n0, args.N, kb,
+                                                          tid, Tile::kThreads);
+          }
+          for (int warp = 0; warp < W; ++warp) {
+            const int wm = warp / Tile::WN, wn = warp % Tile::WN;
+            const uint8_t* As = st + (wm * Tile::MI * 16) * Tile::kSA;
+            const uint8_t* Bs = st + Tile::BM * Tile::kSA + (wn * Tile::NI * 8) * Tile::kSB;
+            for (int s = 0; s < Tile::kSteps; ++s)
+              for (int i = 0; i < Tile::MI; ++i)
+                for (int j = 0; j < Tile::NI; ++j) {
+                  uint32_t fa[32][4], fb[32][2];
+                  for (int lane = 0; lane < 32; ++lane) {
+                    frag_a<Tile>(As + i * 16 * Tile::kSA, lane, s, fa[lane]);
+                    frag_b<Tile>(Bs + j * 8 * Tile::kSB, lane, s, fb[lane]);
+                  }
+                  mma_emulated(Tile::A_U4, fa, fb, acc[warp][i][j]);
+                }
+          }
         }
         for (int warp = 0; warp < W; ++warp) {
           const int wm = warp / Tile::WN, wn = warp % Tile::WN;
-          const uint8_t* As = st + (wm * Tile::MI * 16) * Tile::kSA;
-          const uint8_t* Bs = st + Tile::BM * Tile::kSA + (wn * Tile::NI * 8) * Tile::kSB;
-          for (int s = 0; s < Tile::kSteps; ++s)
-            for (int i = 0; i < Tile::MI; ++i)
-              for (int j = 0; j < Tile::NI; ++j) {
-                uint32_t fa[32][4], fb[32][2];
-                for (int lane = 0; lane < 32; ++lane) {
-                  frag_a<Tile>(As + i * 16 * Tile::kSA, lane, s, fa[lane]);
-                  frag_b<Tile>(Bs + j * 8 * Tile::kSB, lane, s, fb[lane]);
+          for (int i = 0; i < Tile::MI; ++i)
+            for (int j = 0; j < Tile::NI; ++j)
+              for (int lane = 0; lane < 32; ++lane)
+                for (int r = 0; r < 4; ++r) {
+                  int row, col;
+                  acc_coord(lane, r, row, col);
+                  const int64_t m = m0 + (wm * Tile::MI + i) * 16 + row, n = n0 + (wn * Tile::NI + j) * 8 + col;
+                  if (m >= args.M || n >= args.N) continue;
+                  if (EPI) static_cast<float*>(args.out)[m * args.ldo + n] = epilogue_value(acc[warp][i][j][lane][r], m, n, args.K, args.e);
+                  else static_cast<int32_t*>(args.out)[m * args.ldo + n] = acc[warp][i][j][lane][r];
                 }
-                mma_emulated(Tile::A_U4, fa, fb, acc[warp][i][j]);
-              }
         }
       }
-      for (int warp = 0; warp < W; ++warp) {
-        const int wm = warp / Tile::WN, wn = warp % Tile::WN;
-        for (int i = 0; i < Tile::MI; ++i)
-          for (int j = 0; j < Tile::NI; ++j)
-            for (int lane = 0; lane < 32; ++lane)
-              for (int r = 0; r < 4; ++r) {
-                int row, col;
-                acc_coord(lane, r, row, col);
-                const int64_t m = m0 + (wm * Tile::MI + i) * 16 + row, n = n0 + (wn * Tile::NI + j) * 8 + col;
-                if (m < M && n < N) out[m * N + n] = acc[warp][i][j][lane][r];
-              }
-      }
-    }
-  return out;
+  }
 }
 
 std::vector<int> random_codes(int64_t n, int bits) {
@@ -121,50 +128,65 @@ std::vector<int> random_codes(int64_t n, int bits) {
   return v;
 }
 
-std::vector<int64_t> naive(const std::vector<int>& ua, const std::vector<int>& uw, int64_t M, int64_t N, int64_t K) {
-  std::vector<int64_t> c(M * N, 0);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t k = 0; k < K; ++k) c[m * N + n] += int64_t(ua[m * K + k]) * uw[n * K + k];
-  return c;
-}
-
-// u8 path (the raw lowbit_gemm and the 5..8-bit / sm_90 linear): activation bytes in natural order.
+// The raw GEMM (u8 path) through gemm_args, against a naive integer GEMM.
 template <class Tile>
-void check_u8(int64_t M, int64_t N, int64_t K, int a_bits, int w_bits) {
+void check_gemm(int64_t M, int64_t N, int64_t K, int a_bits, int w_bits) {
   const auto ua = random_codes(M * K, a_bits), uw = random_codes(N * K, w_bits);
   const auto ap = pack(ua, M, K, false), wp = pack(uw, N, K, w_bits <= 4);
-  const int64_t kp = pad_k(K);
-  const auto got = emulate_gemm<Tile>(ap, kp, wp, w_bits <= 4 ? kp / 2 : kp, M, N, K);
-  const auto want = naive(ua, uw, M, N, K);
-  for (int64_t i = 0; i < M * N; ++i)
-    CHECK(got[i] == want[i], "u8 BM=%d BN=%d M=%lld N=%lld K=%lld W%dA%d: acc[%lld] = %d, want %lld", Tile::BM,
-          Tile::BN, (long long)M, (long long)N, (long long)K, w_bits, a_bits, (long long)i, got[i], (long long)want[i]);
+  std::vector<int32_t> got(M * N, -7);
+  emulate<Tile, false>(gemm_args(ap.data(), wp.data(), got.data(), M, N, K, w_bits), 1);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      int64_t want = 0;
+      for (int64_t k = 0; k < K; ++k) want += int64_t(ua[m * K + k]) * uw[n * K + k];
+      CHECK(got[m * N + n] == want, "gemm BM=%d BN=%d M=%lld N=%lld K=%lld W%dA%d: acc[%lld, %lld] = %d, want %lld",
+            Tile::BM, Tile::BN, (long long)M, (long long)N, (long long)K, w_bits, a_bits, (long long)m, (long long)n,
+            got[m * N + n], (long long)want);
+    }
 }
 
-// int4 path: activations quantized by the kernel's quant_byte<true> (half-block nibbles) from floats that
-// are exactly code * 0.5 - 1 (scale 0.5, zero point 2), so the expected codes are known.
+// lowbit_linear / the grouped GEMM of a convolution, end to end as the launcher runs it: quant_row_part for
+// every (row, group, thread) (the kernel's grid), linear_args, the GEMM grid with the epilogue. x holds
+// exactly code * 0.5 - 1 (inverse scale 2, zero point 2), so the codes are known; the expected output is the
+// reference formula c = sum (ua - za)(uw - zw) exact, y = fp32(c) * fp32(sa sw) + bias.
 template <class Tile>
-void check_u4(int64_t M, int64_t N, int64_t K, int a_bits, int w_bits) {
-  const auto ua = random_codes(M * K, a_bits), uw = random_codes(N * K, w_bits);
-  std::vector<float> x(M * K);
-  for (int64_t i = 0; i < M * K; ++i) x[i] = float(ua[i]) * 0.5f - 1.0f;
-  const int64_t kp = pad_k(K);
-  std::vector<uint8_t> ap(M * kp / 2);
-  for (int64_t m = 0; m < M; ++m) {
-    int sum = 0, want_sum = 0;
-    for (int64_t i = 0; i < kp / 2; ++i)
-      ap[m * kp / 2 + i] = quant_byte<true>(x.data() + m * K, i, K, 2.0f, 2.0f, float((1 << a_bits) - 1), sum);
-    for (int64_t k = 0; k < K; ++k) want_sum += ua[m * K + k];
-    CHECK(sum == want_sum, "quant_byte<true> row sum %d, want %d", sum, want_sum);
+void check_linear(int64_t M, int64_t Ntot, int64_t K, int a_bits, int w_bits, int64_t G, bool bias) {
+  const int64_t N = Ntot / G, kp = pad_k(K);
+  const auto ua = random_codes(M * G * K, a_bits), uw = random_codes(Ntot * K, w_bits);
+  std::vector<float> x(M * G * K), sw(Ntot), b(Ntot), y(M * Ntot, -7.f);
+  for (int64_t i = 0; i < M * G * K; ++i) x[i] = float(ua[i]) * 0.5f - 1.0f;
+  std::vector<int32_t> zw(Ntot), cw(Ntot, 0), rowsum(M * G);
+  std::uniform_real_distribution<float> f(0.01f, 0.2f);
+  for (int64_t n = 0; n < Ntot; ++n) {
+    sw[n] = f(rng), b[n] = f(rng) - 0.1f, zw[n] = int32_t(rng() % (1u << w_bits));
+    for (int64_t k = 0; k < K; ++k) cw[n] += uw[n * K + k];
   }
-  CHECK(ap == pack(ua, M, K, true), "quant_byte<true> bytes differ from pack_lowbit's layout (M=%lld K=%lld)",
-        (long long)M, (long long)K);
-  const auto got = emulate_gemm<Tile>(ap, kp / 2, pack(uw, N, K, true), kp / 2, M, N, K);
-  const auto want = naive(ua, uw, M, N, K);
-  for (int64_t i = 0; i < M * N; ++i)
-    CHECK(got[i] == want[i], "u4 BM=%d BN=%d M=%lld N=%lld K=%lld W%dA%d: acc[%lld] = %d, want %lld", Tile::BM,
-          Tile::BN, (long long)M, (long long)N, (long long)K, w_bits, a_bits, (long long)i, got[i], (long long)want[i]);
+  const bool int4 = Tile::A_U4;
+  std::vector<uint8_t> codes(M * G * (int4 ? kp / 2 : kp), 0xEE);
+  const float sa = 0.5f, inv = 2.0f, qmax = float((1 << a_bits) - 1);
+  const int32_t za = 2;
+  for (int64_t r = 0; r < M * G; ++r) {  // quantizer grid: row r = m G + g, kLbQuantThreads threads
+    int sum = 0;
+    for (int tid = 0; tid < kLbQuantThreads; ++tid)
+      sum += int4 ? quant_row_part<true>(x.data(), codes.data(), K, kp, r, inv, float(za), qmax, tid, kLbQuantThreads)
+                  : quant_row_part<false>(x.data(), codes.data(), K, kp, r, inv, float(za), qmax, tid, kLbQuantThreads);
+    rowsum[r] = sum;
+  }
+  const LbEpilogue e{rowsum.data(), cw.data(), &za, zw.data(), &sa, sw.data(), bias ? b.data() : nullptr, false, G};
+  emulate<Tile, true>(linear_args(codes.data(), pack(uw, Ntot, K, w_bits <= 4).data(), y.data(), M, Ntot, K, w_bits,
+                                  int4, G, e), G);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < Ntot; ++n) {
+      const int64_t g = n / N;
+      int64_t c = 0;
+      for (int64_t k = 0; k < K; ++k) c += int64_t(ua[(m * G + g) * K + k] - za) * (uw[n * K + k] - zw[n]);
+      float want = float(c) * (sa * sw[n]);
+      if (bias) want = want + b[n];
+      const float got = y[m * Ntot + n];
+      CHECK(std::memcmp(&got, &want, 4) == 0, "linear %s BM=%d BN=%d M=%lld N=%lld K=%lld G=%lld W%dA%d: y[%lld, %lld] "
+            "= %.9g, want %.9g", int4 ? "u4" : "u8", Tile::BM, Tile::BN, (long long)M, (long long)Ntot, (long long)K,
+            (long long)G, w_bits, a_bits, (long long)m, (long long)n, double(got), double(want));
+    }
 }
 
 void check_quant_codes() {
@@ -211,15 +233,23 @@ int main() {
   check_quant_codes();
   check_epilogue();
   for (int bits : {2, 3, 4}) {
-    check_u8<SmallU8W4>(1, 37, 77, 8, bits);
-    check_u8<LargeU8W4>(70, 131, 300, 8, bits);
-    check_u4<SmallU4>(5, 129, 200, bits, bits);
-    check_u4<LargeU4>(67, 70, 257, bits, 4);
+    check_gemm<SmallU8W4>(1, 37, 77, 8, bits);
+    check_gemm<LargeU8W4>(70, 131, 300, 8, bits);
+    check_linear<SmallU4>(5, 129, 200, bits, bits, 1, true);   // int4 path (sm_8x)
+    check_linear<LargeU4>(67, 70, 257, bits, 4, 1, false);
+    check_linear<SmallU8W4>(3, 33, 130, bits, bits, 1, true);  // u8 path (sm_90)
+    check_linear<LargeU8W4>(66, 65, 150, 4, bits, 1, true);
   }
   for (int bits : {5, 8}) {
-    check_u8<SmallU8W8>(3, 9, 130, bits, bits);
-    check_u8<LargeU8W8>(65, 67, 129, 8, bits);
+    check_gemm<SmallU8W8>(3, 9, 130, bits, bits);
+    check_gemm<LargeU8W8>(65, 67, 129, 8, bits);
+    check_linear<LargeU8W8>(65, 33, 140, bits, bits, 1, true);
   }
+  // grouped GEMM (convolutions): grouped, depthwise (K = 9), both paths
+  check_linear<LargeU4>(70, 12, 27, 4, 4, 3, true);
+  check_linear<LargeU8W4>(70, 16, 9, 4, 4, 16, true);
+  check_linear<SmallU4>(9, 24, 9, 3, 3, 8, false);
+  check_linear<LargeU8W8>(33, 12, 50, 8, 8, 2, true);
   std::printf("lowbit cuda emulation: %d checks, %d failures\n", g_checks, g_failures);
   return g_failures == 0 ? 0 : 1;
 }

@@ -46,6 +46,17 @@ def reference(x, w_packed, w_scale, w_zero, w_colsum, a_scale, a_zero, a_bits: i
                     None if bias is None else bias.reshape(1, -1, 1, 1))
 
 
+def inexact_padding_reference(x, w_packed, w_bits, K, w_scale, w_zero, w_colsum, a_scale, a_inv_scale, a_zero,
+                              a_bits, bias, kernel_size, stride, padding, dilation, groups):
+    """For the im2col fast paths (kernel-contract arguments): ``None`` when zero padding of ``x`` is exact
+    (no padding, or ``0 <= za <= 2^ab - 1``: the code of 0.0 is then ``za``), else the reference result.
+    Reads ``za`` (a host sync on a GPU) only for padded convolutions."""
+    if not any(padding) or 0 <= int(a_zero.reshape(-1)[0]) <= (1 << a_bits) - 1:
+        return None
+    return reference(x, w_packed, w_scale, w_zero, w_colsum, a_scale, a_zero, a_bits, w_bits, kernel_size, stride,
+                     padding, dilation, groups, bias)
+
+
 def _out_hw(x, kernel_size, stride, padding, dilation):
     return [(x.size(2 + i) + 2 * padding[i] - dilation[i] * (kernel_size[i] - 1) - 1) // stride[i] + 1 for i in (0, 1)]
 
