@@ -24,7 +24,9 @@
 // rows are padded by 16 bytes: the fragment loads (8 rows x 4 words a warp) are bank-conflict free.
 // Epilogue (lowbit_linear), per output, exactly as the reference:
 //   c = acc - zw[n] ra[m] - za[m] cw[n] + K za[m] zw[n]   (int64)      y = fp32(c) * fp32(sa[m] sw[n]) + bias[n]
-// The activation codes and row sums ra come from lowbit_quantize_kernel (one block per row).
+// The activation codes and row sums ra come from lowbit_quantize_kernel (one block per row and group).
+// Grouped GEMM (the im2col of a grouped / depthwise convolution): grid z = group, each group its K_pad
+// codes of every A row, its weight rows and output columns (group_view).
 #include "common.cuh"
 
 namespace zsqfast::cuda_detail {
