@@ -57,6 +57,26 @@ void lsq_fwd(DType dt, const void* x, void* out, int64_t n, const float* step, c
 void lsq_bwd(DType dt, const void* grad, const void* x, void* grad_x, float* grad_step, int64_t n,
              const float* step, const float* inv_step, int64_t inner, int64_t C, float qmin, float qmax,
              float grad_scale, void* stream);
+// Low-bit integer GEMM (zsqfast/ops/lowbit_gemm.py; layout zsqfast/ops/lowbit_pack.py), tensor cores.
+// acc (M, N) int32 = sum_k a[m, k] * uw[n, k]; a: uint8 codes (M, K_pad), K_pad = 128 * ceil(K / 128), zero
+// past K; w_packed: (N, K_pad / 2) nibbles (w_bits <= 4) or (N, K_pad) bytes. a, w_packed 16-byte aligned.
+void lowbit_gemm(const uint8_t* a, const uint8_t* w_packed, int32_t* acc, int64_t M, int64_t N, int64_t K, int w_bits,
+                 void* stream);
+// Whether lowbit_linear takes the int4 tensor-core path on the current device (sm_8x and both widths <= 4).
+bool lowbit_int4_path(int a_bits, int w_bits);
+// Bytes of one group of one row of lowbit_linear's activation-code workspace (K_pad / 2 on the int4 path,
+// else K_pad).
+int64_t lowbit_codes_row_bytes(int64_t K, int a_bits, int w_bits);
+// y (M, N) fp32 = lowbit_linear of x fp32 (M, K) contiguous; w_scale fp32, w_zero, w_colsum int32 (N,);
+// a_scale, a_inv_scale fp32, a_zero int32: (M,) when per_token, else (1,); bias (N,) or null.
+// groups > 1 (a grouped convolution's im2col): x is (M, groups K), group g = columns g K .. g K + K - 1
+// times weight rows g N/groups .. into output columns g N/groups ..; K is the per-group reduction length.
+// Workspace: codes (M * groups * lowbit_codes_row_bytes bytes, 16-byte aligned) and rowsum (M * groups
+// int32), both overwritten.
+void lowbit_linear(const float* x, const uint8_t* w_packed, float* y, int64_t M, int64_t N, int64_t K, int w_bits,
+                   const float* w_scale, const int32_t* w_zero, const int32_t* w_colsum, const float* a_scale,
+                   const float* a_inv_scale, const int32_t* a_zero, bool per_token, int a_bits, const float* bias,
+                   int64_t groups, uint8_t* codes, int32_t* rowsum, void* stream);
 }  // namespace cuda
 
 }  // namespace zsqfast

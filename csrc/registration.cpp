@@ -14,6 +14,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/im2col.h>
 #endif
 
 namespace zsqfast {
@@ -144,6 +146,110 @@ at::Tensor bn_stats_backward(const std::optional<at::Tensor>& grad, const at::Te
   return out;
 }
 
+#ifdef ZSQFAST_WITH_CUDA
+// ---- low-bit integer GEMM / linear, CUDA (contracts: zsqfast/ops/lowbit_gemm.py) ----
+int64_t lowbit_pad_k(int64_t K) { return (K + 127) / 128 * 128; }
+
+// t itself when its data is 16-byte aligned (the kernels copy 16-byte chunks), else an aligned copy.
+at::Tensor lowbit_aligned16(const at::Tensor& t) {
+  return (reinterpret_cast<uintptr_t>(t.data_ptr()) & 15u) == 0 ? t : t.clone();
+}
+
+void check_lowbit_weight(const at::Tensor& w, int64_t w_bits, int64_t K, const at::Tensor& like) {
+  TORCH_CHECK(w_bits >= 2 && w_bits <= 8, "zsqfast: w_bits must be 2..8, got ", w_bits);
+  TORCH_CHECK(K >= 1, "zsqfast: K must be positive");
+  const int64_t kp = lowbit_pad_k(K);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() &&
+                  w.size(1) == (w_bits <= 4 ? kp / 2 : kp) && w.device() == like.device(),
+              "zsqfast: w_packed must be contiguous uint8 (N, ", w_bits <= 4 ? kp / 2 : kp, ") on ", like.device());
+}
+
+at::Tensor lowbit_gemm_cuda(const at::Tensor& a, const at::Tensor& w_packed, int64_t w_bits, int64_t K) {
+  TORCH_CHECK(a.scalar_type() == at::kByte && a.dim() == 2 && a.size(1) == K && a.is_contiguous(),
+              "zsqfast: a must be contiguous uint8 (M, K)");
+  check_lowbit_weight(w_packed, w_bits, K, a);
+  const int64_t M = a.size(0), N = w_packed.size(0), kp = lowbit_pad_k(K);
+  // the kernel reads (M, K_pad) rows, zero past K
+  const at::Tensor ap = kp == K ? lowbit_aligned16(a) : at::constant_pad_nd(a, {0, kp - K}, 0);
+  const at::Tensor wp = lowbit_aligned16(w_packed);
+  at::Tensor acc = at::empty({M, N}, a.options().dtype(at::kInt));
+  ZSQ_CUDA_BRANCH(a, cuda::lowbit_gemm(ap.data_ptr<uint8_t>(), wp.data_ptr<uint8_t>(), acc.data_ptr<int32_t>(), M, N,
+                                       K, int(w_bits), dev.stream))
+  TORCH_CHECK(false, "zsqfast: this lowbit_gemm kernel runs CUDA tensors only");
+  return acc;
+}
+
+// x (M, groups K): see cuda::lowbit_linear.
+at::Tensor lowbit_linear_grouped(const at::Tensor& x, const at::Tensor& w_packed, int64_t w_bits, int64_t K,
+                                 const at::Tensor& w_scale, const at::Tensor& w_zero, const at::Tensor& w_colsum,
+                                 const at::Tensor& a_scale, const at::Tensor& a_inv_scale, const at::Tensor& a_zero,
+                                 int64_t a_bits, const std::optional<at::Tensor>& bias, int64_t groups) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == groups * K && x.is_contiguous(),
+              "zsqfast: x must be contiguous float32 (M, K)");
+  TORCH_CHECK(groups >= 1 && w_packed.size(0) % groups == 0, "zsqfast: groups must divide the output channels");
+  TORCH_CHECK(a_bits >= 2 && a_bits <= 8, "zsqfast: a_bits must be 2..8, got ", a_bits);
+  check_lowbit_weight(w_packed, w_bits, K, x);
+  const int64_t M = x.size(0), N = w_packed.size(0);
+  check_params(x, {&w_scale}, N);
+  for (const at::Tensor* t : {&w_zero, &w_colsum})
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->is_contiguous() && t->numel() == N && t->device() == x.device(),
+                "zsqfast: w_zero and w_colsum must be contiguous int32 of ", N, " elements on ", x.device());
+  const int64_t P = a_scale.numel();
+  TORCH_CHECK(P == 1 || P == M, "zsqfast: a_scale must have 1 (per tensor) or M (per token) elements");
+  check_params(x, {&a_scale, &a_inv_scale}, P);
+  TORCH_CHECK(a_zero.scalar_type() == at::kInt && a_zero.is_contiguous() && a_zero.numel() == P &&
+                  a_zero.device() == x.device(),
+              "zsqfast: a_zero must be contiguous int32 like a_scale");
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    check_params(x, {&*bias}, N);
+    b = bias->data_ptr<float>();
+  }
+  const at::Tensor wp = lowbit_aligned16(w_packed);
+  at::Tensor y = at::empty({M, N}, x.options());
+  ZSQ_CUDA_BRANCH(x, {
+    at::Tensor codes = at::empty({M * groups * cuda::lowbit_codes_row_bytes(K, int(a_bits), int(w_bits))},
+                                 x.options().dtype(at::kByte));
+    at::Tensor rowsum = at::empty({M * groups}, x.options().dtype(at::kInt));
+    cuda::lowbit_linear(x.data_ptr<float>(), wp.data_ptr<uint8_t>(), y.data_ptr<float>(), M, N, K, int(w_bits),
+                        w_scale.data_ptr<float>(), w_zero.data_ptr<int32_t>(), w_colsum.data_ptr<int32_t>(),
+                        a_scale.data_ptr<float>(), a_inv_scale.data_ptr<float>(), a_zero.data_ptr<int32_t>(), P > 1,
+                        int(a_bits), b, groups, codes.data_ptr<uint8_t>(), rowsum.data_ptr<int32_t>(), dev.stream);
+  })
+  TORCH_CHECK(false, "zsqfast: this lowbit_linear kernel runs CUDA tensors only");
+  return y;
+}
+
+at::Tensor lowbit_linear_cuda(const at::Tensor& x, const at::Tensor& w_packed, int64_t w_bits, int64_t K,
+                              const at::Tensor& w_scale, const at::Tensor& w_zero, const at::Tensor& w_colsum,
+                              const at::Tensor& a_scale, const at::Tensor& a_inv_scale, const at::Tensor& a_zero,
+                              int64_t a_bits, const std::optional<at::Tensor>& bias) {
+  return lowbit_linear_grouped(x, w_packed, w_bits, K, w_scale, w_zero, w_colsum, a_scale, a_inv_scale, a_zero,
+                               a_bits, bias, 1);
+}
+
+// im2col of x (B, C, H, W) -> (B L, C kh kw) rows in the weight's (c, i, j) order, one grouped GEMM, back to
+// (B, OC, Ho, Wo). Zero padding is exact when 0 <= za <= qmax (the Python caller checks; else reference).
+at::Tensor lowbit_conv2d_cuda(const at::Tensor& x, const at::Tensor& w_packed, int64_t w_bits, int64_t K,
+                              const at::Tensor& w_scale, const at::Tensor& w_zero, const at::Tensor& w_colsum,
+                              const at::Tensor& a_scale, const at::Tensor& a_inv_scale, const at::Tensor& a_zero,
+                              int64_t a_bits, const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t groups) {
+  TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat, "zsqfast: x must be float32 (B, C, H, W)");
+  TORCH_CHECK(a_scale.numel() == 1, "zsqfast: lowbit_conv2d quantizes activations per tensor");
+  const at::Tensor cols = at::im2col(x.contiguous(), kernel_size, dilation, padding, stride);  // (B, C kh kw, L)
+  const int64_t B = x.size(0), L = cols.size(2), OC = w_packed.size(0);
+  const int64_t Ho = (x.size(2) + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) / stride[0] + 1;
+  const int64_t Wo = (x.size(3) + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(Ho * Wo == L, "zsqfast: bad convolution geometry");
+  const at::Tensor rows = cols.transpose(1, 2).contiguous().view({B * L, cols.size(1)});
+  const at::Tensor y = lowbit_linear_grouped(rows, w_packed, w_bits, K, w_scale, w_zero, w_colsum, a_scale,
+                                             a_inv_scale, a_zero, a_bits, bias, groups);
+  return y.view({B, L, OC}).transpose(1, 2).reshape({B, OC, Ho, Wo}).contiguous();
+}
+#endif
+
 std::string cpu_isa() { return cpu::isa_name(); }
 bool set_cpu_isa(c10::string_view name) { return cpu::force_isa(std::string(name).c_str()); }
 
@@ -159,6 +265,12 @@ TORCH_LIBRARY(zsqfast_ext, m) {
         "int inner, int C, float grad_scale) -> (Tensor, Tensor)");
   m.def("bn_stats(Tensor x, int inner, int C) -> (Tensor, Tensor)");
   m.def("bn_stats_backward(Tensor? grad, Tensor x, Tensor a, Tensor b, int inner, int C) -> Tensor");
+  m.def("lowbit_gemm(Tensor a, Tensor w_packed, int w_bits, int K) -> Tensor");
+  m.def("lowbit_linear(Tensor x, Tensor w_packed, int w_bits, int K, Tensor w_scale, Tensor w_zero, Tensor w_colsum, "
+        "Tensor a_scale, Tensor a_inv_scale, Tensor a_zero, int a_bits, Tensor? bias) -> Tensor");
+  m.def("lowbit_conv2d(Tensor x, Tensor w_packed, int w_bits, int K, Tensor w_scale, Tensor w_zero, Tensor w_colsum, "
+        "Tensor a_scale, Tensor a_inv_scale, Tensor a_zero, int a_bits, Tensor? bias, int[] kernel_size, int[] stride, "
+        "int[] padding, int[] dilation, int groups) -> Tensor");
   m.def("cpu_isa() -> str", &zsqfast::cpu_isa);
   m.def("set_cpu_isa(str name) -> bool", &zsqfast::set_cpu_isa);
 }
@@ -178,5 +290,8 @@ TORCH_LIBRARY_IMPL(zsqfast_ext, CUDA, m) {
   m.impl("fake_quant_backward", &zsqfast::fake_quant_backward);
   m.impl("lsq_fake_quant", &zsqfast::lsq_fake_quant);
   m.impl("lsq_fake_quant_backward", &zsqfast::lsq_fake_quant_backward);
+  m.impl("lowbit_gemm", &zsqfast::lowbit_gemm_cuda);
+  m.impl("lowbit_linear", &zsqfast::lowbit_linear_cuda);
+  m.impl("lowbit_conv2d", &zsqfast::lowbit_conv2d_cuda);
 }
 #endif

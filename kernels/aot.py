@@ -24,11 +24,14 @@ from triton.compiler import ASTSource
 from ._common import COMPILE_OPTIONS
 from .bn_stats import bn_stats_bwd_kernel, bn_stats_kernel
 from .fake_quant import fake_quant_bwd_kernel, fake_quant_fwd_kernel
+from .lowbit_gemm import lowbit_gemm_kernel, quant_tiles, quantize_rows_kernel, tiles
 from .lsq import lsq_bwd_kernel, lsq_fwd_kernel
 
 ARCHS = (80, 90)
 DTYPES = ("fp32", "fp16", "bf16")
 BLOCK = 1024  # block_size() on a GPU
+#: key of a variant's constexprs that carries launch options instead of a constexpr (removed before compiling)
+LAUNCH_OPTIONS = "__launch_options__"
 
 
 def _variant(fn, sig: dict, consts: dict, aligned_ints: tuple = ()) -> tuple:
@@ -84,6 +87,45 @@ def specializations():
                                       "b_ptr": "*fp32", "n": "i32", "inner": "i32", "C": "i32",
                                       "HAS_GRAD": "constexpr", "BLOCK": "constexpr"},
                 {"HAS_GRAD": has_grad, "BLOCK": BLOCK}))
+    yield from lowbit_specializations()
+
+
+def lowbit_specializations():
+    """The low-bit GEMM / linear / conv variants: both tile configurations of ``tiles`` (M <= 16 also with
+    M = 1, which the JIT folds), raw GEMM (A shifted) on nibble-packed, byte and 8-bit weights, the fused
+    epilogue per tensor / per token, with and without bias, 4-bit and 8-bit operands, one group or several
+    (convolution); the activation quantizer per tensor and per token. ``dtype`` is that of the output."""
+    gemm_sig = {"a_ptr": "*u8", "w_ptr": "*u8", "out_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "K_pad": "i32",
+                "stride_a": "i32", "stride_w": "i32", "stride_out": "i32", "ra_ptr": "*i32", "stride_ra": "i32",
+                "cw_ptr": "*i32", "za_ptr": "*i32", "zw_ptr": "*i32",
+                "sa_ptr": "*fp32", "sw_ptr": "*fp32", "bias_ptr": "*fp32", "PACKED": "constexpr",
+                "A_SHIFT": "constexpr", "W_SHIFT": "constexpr", "EPILOGUE": "constexpr", "PER_TOKEN": "constexpr",
+                "HAS_BIAS": "constexpr", "BM": "constexpr", "BN": "constexpr"}
+    flags = ("PACKED", "A_SHIFT", "W_SHIFT", "EPILOGUE", "PER_TOKEN", "HAS_BIAS")
+    cases = [("gemm[w4]", (1, 1, 0, 0, 0, 0)), ("gemm[w6]", (0, 1, 0, 0, 0, 0)), ("gemm[w8]", (0, 1, 1, 0, 0, 0)),
+             ("linear[w4a4,per_tensor,bias]", (1, 0, 0, 1, 0, 1)), ("linear[w3a3,per_token]", (1, 0, 0, 1, 1, 0)),
+             ("linear[w4a8,per_tensor,bias]", (1, 1, 0, 1, 0, 1)), ("linear[w8a8,per_token,bias]", (0, 1, 1, 1, 1, 1)),
+             ("conv[w4a4,grouped,bias]", (1, 0, 0, 1, 0, 1))]
+    for m in (1, 16, 256):
+        t = tiles(m)
+        for name, bits in cases:
+            consts = {**dict(zip(flags, map(bool, bits))), "BM": t["BM"], "BN": t["BN"],
+                      LAUNCH_OPTIONS: {"num_warps": t["num_warps"], "num_stages": t["num_stages"]}}
+            if m == 1:
+                consts["M"] = 1
+            if not name.startswith("conv"):  # one group: the JIT folds stride_ra = groups = 1
+                consts["stride_ra"] = 1
+            sig = dict(gemm_sig, out_ptr="*fp32" if bits[3] else "*i32")
+            tile = "M=1" if m == 1 else f"{t['BM']}x{t['BN']}"
+            label = f"lowbit_{name[:-1]},{tile}]"
+            yield (label, sig["out_ptr"][1:], *_variant(lowbit_gemm_kernel, sig, consts, ("K_pad", "stride_w")))
+    q = quant_tiles()
+    for per_token in (False, True):
+        yield (f"lowbit_quantize_rows[{'per_token' if per_token else 'per_tensor'}]", "u8", *_variant(
+            quantize_rows_kernel, {"x_ptr": "*fp32", "q_ptr": "*u8", "rowsum_ptr": "*i32", "inv_ptr": "*fp32",
+                                   "za_ptr": "*i32", "M": "i32", "K": "i32", "stride_x": "i32", "qmax": "fp32",
+                                   "PER_TOKEN": "constexpr", "BR": "constexpr", "BK": "constexpr"},
+            {"PER_TOKEN": per_token, "BR": q["BR"], "BK": q["BK"], LAUNCH_OPTIONS: {"num_warps": q["num_warps"]}}))
 
 
 def ptxas_path() -> str:
@@ -119,9 +161,11 @@ def compile_all() -> list[dict]:
         raise RuntimeError("kernels were imported under TRITON_INTERPRET=1; run the AOT check in a process without it")
     rows = []
     for label, dt, fn, sig, consts, attrs in specializations():
+        consts = dict(consts)
+        options = {**COMPILE_OPTIONS, **consts.pop(LAUNCH_OPTIONS, {})}  # a variant's own num_warps / stages
         for arch in ARCHS:
             k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                               target=GPUTarget("cuda", arch, 32), options=dict(COMPILE_OPTIONS))
+                               target=GPUTarget("cuda", arch, 32), options=dict(options))
             if not k.asm.get("cubin"):
                 raise RuntimeError(f"{label}[{dt}] sm_{arch}: no cubin")
             ptx = k.asm["ptx"]

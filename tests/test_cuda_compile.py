@@ -115,6 +115,9 @@ def test_every_kernel_compiles_for_sm80_sm90_without_spills(built):
         names = {r[0] for r in entries}
         for name in names:  # every kernel for every arch
             assert {r[1] for r in entries if r[0] == name} == set(ARCHS), name
+        if src.endswith("lowbit_gemm.cu"):  # both MMA paths and the quantizer, for both arches
+            assert any("lowbit_gemm" in n for n in names) and any("lowbit_quant" in n for n in names), names
+            assert len([n for n in names if "lowbit_gemm_kernel" in n]) == 12, sorted(names)
         spilled = [r for r in rows if r[3] or r[4]]
         assert not spilled, f"{src}: register spills: {spilled}"
         table += [(src, *r) for r in entries]
@@ -134,6 +137,7 @@ def test_links_and_defines_every_entry_point(built):
         pytest.skip("nm not found")
     declared = _declared_cuda_entry_points()
     assert {"fake_quant_fwd", "fake_quant_bwd", "lsq_fwd", "lsq_bwd"} <= set(declared), declared
+    assert {"lowbit_gemm", "lowbit_linear", "lowbit_int4_path", "lowbit_codes_row_bytes"} <= set(declared), declared
     symbols = subprocess.run([nm, "-C", "--defined-only", str(lib)], capture_output=True, text=True).stdout
     for name in declared:
         assert re.search(rf"^\S+ T zsqfast::cuda::{name}\(", symbols, re.M), f"zsqfast::cuda::{name} is not defined"

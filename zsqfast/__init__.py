@@ -10,6 +10,9 @@ Public API (see README.md):
 from . import _ext
 from ._backend import active_backend, available_backends, get_backend, set_backend, use_backend
 from .ops.fake_quantize import fake_quantize
+from .ops.lowbit_conv2d import lowbit_conv2d
+from .ops.lowbit_gemm import lowbit_linear
+from .ops.lowbit_pack import LowbitWeight, pack_lowbit, unpack_lowbit
 from .ops.lowpass import amplitude_spectrum, gaussian_lowpass
 from .ops.lsq import lsq_fake_quantize
 from .ops.qparams import minmax_qparams
@@ -23,7 +26,7 @@ from .synthesis import BNSLoss, SyntheticDataset, filter_images, synthesize  # n
 from .pipeline import QuantizeResult, load_quantized, quantize  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["cam_alignment_loss", "finetune", "gradcam", "amplitude_spectrum", "gaussian_lowpass", "BNSLoss", "SyntheticDataset", "filter_images", "synthesize", "fake_quantize", "lsq_fake_quantize", "minmax_qparams", "quantize_model", "calibrate",
+__all__ = ["pack_lowbit", "unpack_lowbit", "LowbitWeight", "lowbit_linear", "lowbit_conv2d", "cam_alignment_loss", "finetune", "gradcam", "amplitude_spectrum", "gaussian_lowpass", "BNSLoss", "SyntheticDataset", "filter_images", "synthesize", "fake_quantize", "lsq_fake_quantize", "minmax_qparams", "quantize_model", "calibrate",
            "quantization_report", "models", "nn", "active_backend", "available_backends", "get_backend", "set_backend",
            "use_backend", "cpu_isa"]
 __all__ += ["QuantizeResult", "load_quantized", "quantize"]

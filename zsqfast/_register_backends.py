@@ -37,3 +37,20 @@ for _name in CONTRACTS:
     register_impl(_name, "triton", _triton_impl(_name))
 for _name in CUDA_CONTRACTS:
     register_impl(_name, "cuda", _native(_name))
+#: low-bit integer contracts with Triton and CUDA kernels (issue 3; the cpp ones are registered separately)
+LOWBIT_GPU_CONTRACTS = ("lowbit_gemm", "lowbit_linear")
+for _name in LOWBIT_GPU_CONTRACTS:
+    register_impl(_name, "triton", _triton_impl(_name))
+    register_impl(_name, "cuda", _native(_name))
+register_impl("lowbit_conv2d", "triton", _triton_impl("lowbit_conv2d"))  # im2col + the grouped Triton GEMM
+
+
+def _cuda_lowbit_conv2d(*args):
+    """im2col + the grouped CUDA GEMM (zsqfast_ext::lowbit_conv2d); the reference where zero padding has no code."""
+    from .ops.lowbit_conv2d import inexact_padding_reference
+
+    y = inexact_padding_reference(*args)
+    return torch.ops.zsqfast_ext.lowbit_conv2d(*args) if y is None else y
+
+
+register_impl("lowbit_conv2d", "cuda", _cuda_lowbit_conv2d)

@@ -15,24 +15,11 @@
 
 #include "cuda/fake_quant.cu"
 #include "cuda/lsq.cu"
+#include "emulation_check.h"
 
 using namespace zsqfast::cuda_detail;
 
 namespace {
-
-int g_failures = 0, g_checks = 0;
-
-#define CHECK(cond, ...)                           \
-  do {                                             \
-    ++g_checks;                                    \
-    if (!(cond)) {                                 \
-      ++g_failures;                                \
-      std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::printf(__VA_ARGS__);                    \
-      std::printf("\n");                           \
-      return;                                      \
-    }                                              \
-  } while (0)
 
 template <class T> const char* dtype_name();
 template <> const char* dtype_name<float>() { return "f32"; }

@@ -3,4 +3,4 @@
 The submodules keep their names (``zsqfast.ops.fake_quantize`` is the module); the public functions are
 re-exported from the top-level package.
 """
-from . import bn_stats, fake_quantize, lsq, qparams  # noqa: F401  (declares the ops)
+from . import bn_stats, fake_quantize, lowbit_conv2d, lowbit_gemm, lsq, qparams  # noqa: F401  (declares the ops)
