@@ -3,7 +3,8 @@ tensors and, under ``TRITON_INTERPRET=1``, for CPU tensors. ``python -m zsqfast.
 ahead of time for sm_80 / sm_90 and reports registers and spills."""
 from .bn_stats import bn_stats, bn_stats_backward
 from .fake_quant import fake_quant, fake_quant_backward
+from .lowpass import circular_conv_sep
 from .lsq import lsq_fake_quant, lsq_fake_quant_backward
 
-__all__ = ["bn_stats", "bn_stats_backward", "fake_quant", "fake_quant_backward", "lsq_fake_quant",
+__all__ = ["bn_stats", "bn_stats_backward", "circular_conv_sep", "fake_quant", "fake_quant_backward", "lsq_fake_quant",
            "lsq_fake_quant_backward"]
