@@ -121,11 +121,11 @@ def test_standard_mode_matches_grad_cam_package():
     assert torch.allclose(zsqfast.gradcam(vit, xv, mode="standard"), want, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", [n for n, _ in CNNS])
-def test_closed_form_detected_and_equal_to_general_path(name, monkeypatch):
+@pytest.mark.parametrize("name,size", CNNS)
+def test_closed_form_detected_and_equal_to_general_path(name, size, monkeypatch):
     torch.manual_seed(3)
     model = _model(name)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, size, size)
     q = zsqfast.calibrate(zsqfast.quantize_model(model, 4, 4), [x])
     for m in (model, q):
         layer = default_layer(m, "standard", x)
