@@ -197,3 +197,22 @@ def test_layer_selection_and_errors():
         zsqfast.gradcam(model, x, mode="cam++")
     with pytest.raises(ValueError, match="B, C, H, W"):
         zsqfast.gradcam(model, x[0])
+
+
+def test_fused_cam_loss_matches_composite_and_gradcheck():
+    from zsqfast.finetune.cam_loss import cam_mse
+    from zsqfast.finetune.gradcam import finish_map
+
+    torch.manual_seed(5)
+    a = torch.randn(3, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    alpha = torch.rand(3, 5, dtype=torch.float64) - 0.3        # some negative: ReLU zeros part of the map
+    t = torch.rand(3, 9, 11, dtype=torch.float64)
+    composite = F.mse_loss(finish_map((alpha[:, :, None, None] * a).sum(1, keepdim=True), (9, 11), "synq"), t)
+    fused = cam_mse(a, alpha, t)
+    assert torch.allclose(fused, composite, rtol=1e-12, atol=0)
+    (g_c,) = torch.autograd.grad(composite, a)
+    (g_f,) = torch.autograd.grad(fused, a)
+    assert torch.allclose(g_f, g_c, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda v: cam_mse(v, alpha, t), (a,))
+    with pytest.raises(ValueError, match="cam_mse"):
+        cam_mse(a, alpha[:, :2], t)

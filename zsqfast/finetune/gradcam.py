@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cam_loss import cam_mse
 from .head import grab_head_weight, linear_head
 
 MODES = ("synq", "standard")
@@ -174,32 +175,66 @@ def finish_map(weighted_sum: torch.Tensor, size, mode: str) -> torch.Tensor:
     return _minmax(cam, 1e-7)
 
 
-def cam_from_activation(logits: torch.Tensor, a: torch.Tensor, size, *, target="pred", mode: str = "synq",
-                        differentiable: bool = False, prefix: int | None = None) -> torch.Tensor:
-    """Grad-CAM maps (B, *size) from the logits and the target activation of one forward pass (see
-    :func:`capture`): the gradient of each sample's score goes from the logits down to A only."""
+def weights_from_activation(logits: torch.Tensor, a: torch.Tensor, *, target="pred", mode: str = "synq",
+                            retain_graph: bool = False, prefix: int | None = None):
+    """``(A as a (B, C, h, w) map, alpha (B, C, 1, 1) detached)``: the gradient of each sample's score goes
+    from the logits down to A only (one ``autograd.grad``)."""
     if mode not in MODES:
         raise ValueError(f"mode must be 'synq' or 'standard', got {mode!r}")
     score = logits.gather(1, _classes(logits, target).view(-1, 1)).sum()
-    (grad,) = torch.autograd.grad(score, a, retain_graph=differentiable)
-    a4, g4 = as_grid(a, prefix), as_grid(grad, prefix)
-    alpha = _alpha(g4, mode)
-    return finish_map((alpha.detach() * a4).sum(dim=1, keepdim=True), size, mode)
+    (grad,) = torch.autograd.grad(score, a, retain_graph=retain_graph)
+    return as_grid(a, prefix), _alpha(as_grid(grad, prefix), mode).detach()
 
 
-def _closed_form(model, layer, head, x, target, mode, differentiable, prefix):
-    """CAM = Grad-CAM when A feeds GAP -> linear: alpha = W[y] / (H W), no backward."""
+def cam_from_activation(logits: torch.Tensor, a: torch.Tensor, size, *, target="pred", mode: str = "synq",
+                        differentiable: bool = False, prefix: int | None = None) -> torch.Tensor:
+    """Grad-CAM maps (B, *size) from the logits and the target activation of one forward pass (see
+    :func:`capture`)."""
+    a4, alpha = weights_from_activation(logits, a, target=target, mode=mode, retain_graph=differentiable,
+                                        prefix=prefix)
+    return finish_map((alpha * a4).sum(dim=1, keepdim=True), size, mode)
+
+
+def cam_loss_from_activation(logits: torch.Tensor, a: torch.Tensor, target_map: torch.Tensor, *,
+                             mode: str = "synq", prefix: int | None = None) -> torch.Tensor:
+    """The CAM-alignment loss of a student forward (logits, A with its graph) against a detached teacher map
+    (B, H, W); SynQ mode runs the fused single-node loss (:func:`zsqfast.finetune.cam_loss.cam_mse`)."""
+    a4, alpha = weights_from_activation(logits, a, mode=mode, retain_graph=True, prefix=prefix)
+    return _loss_from_weights(a4, alpha, target_map.detach(), mode)
+
+
+def _loss_from_weights(a4, alpha, target_map, mode):
+    if mode == "synq":
+        return cam_mse(a4, alpha.flatten(1), target_map)
+    return F.mse_loss(finish_map((alpha * a4).sum(dim=1, keepdim=True), target_map.shape[-2:], mode), target_map)
+
+
+def _maps_inputs(model, x, layer, target, mode, differentiable, closed_form):
+    """``(A as a map, alpha (B, C, 1, 1))`` of one forward: CAM's closed form when the target feeds
+    GAP -> linear (and ``closed_form`` allows it), else the head-only gradient."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be 'synq' or 'standard', got {mode!r}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    lay = _resolve(model, layer, mode, x)
+    prefix = prefix_tokens(model)
+    head = linear_head(model, lay, x) if closed_form else None
+    if closed_form is True and head is None:
+        raise ValueError("closed_form=True but the target layer does not feed global-average-pool -> linear")
+    if head is None:
+        logits, a = _capture(model, lay, x, differentiable)
+        return weights_from_activation(logits, a, target=target, mode=mode, retain_graph=differentiable,
+                                       prefix=prefix)
     store, hooks = grab_head_weight(head)
     try:
-        logits, a = _capture(model, layer, x, differentiable, head_graph=False)
+        logits, a = _capture(model, lay, x, differentiable, head_graph=False)
     finally:
         for h in hooks:
             h.remove()
     a4 = as_grid(a, prefix)
     w = store["w"].detach()
     g = (w[_classes(logits, target)] / (a4.shape[-2] * a4.shape[-1]))[:, :, None, None].to(a4.dtype)
-    alpha = _alpha(g, mode)
-    return finish_map((alpha * a4).sum(dim=1, keepdim=True), x.shape[-2:], mode)
+    return a4, _alpha(g, mode)
 
 
 def gradcam(model: nn.Module, x: torch.Tensor, *, layer=None, target="pred", mode: str = "synq",
@@ -216,20 +251,8 @@ def gradcam(model: nn.Module, x: torch.Tensor, *, layer=None, target="pred", mod
         closed_form: ``"auto"``: use CAM's closed form (no backward) when the GAP -> linear structure is
             detected; ``False``: always the general head-only backward; ``True``: require the closed form.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be 'synq' or 'standard', got {mode!r}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
-    lay = _resolve(model, layer, mode, x)
-    prefix = prefix_tokens(model)
-    head = linear_head(model, lay, x) if closed_form else None
-    if closed_form is True and head is None:
-        raise ValueError("closed_form=True but the target layer does not feed global-average-pool -> linear")
-    if head is not None:
-        return _closed_form(model, lay, head, x, target, mode, differentiable, prefix)
-    logits, a = _capture(model, lay, x, differentiable)
-    return cam_from_activation(logits, a, x.shape[-2:], target=target, mode=mode, differentiable=differentiable,
-                               prefix=prefix)
+    a4, alpha = _maps_inputs(model, x, layer, target, mode, differentiable, closed_form)
+    return finish_map((alpha * a4).sum(dim=1, keepdim=True), x.shape[-2:], mode)
 
 
 def reference_gradcam(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -261,7 +284,8 @@ def reference_gradcam(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def cam_alignment_loss(teacher: nn.Module, student: nn.Module, x: torch.Tensor, *, teacher_layer=None,
                        student_layer=None, mode: str = "synq") -> torch.Tensor:
     """SynQ's CAM loss: ``MSE(map_teacher, map_student)`` over B*H*W, the teacher's map detached, the
-    student's differentiable through its activations (both on the same images, each model's own prediction)."""
+    student's differentiable through its activations (both on the same images, each model's own prediction).
+    SynQ mode computes map + upsample + normalise + MSE as one autograd node (:mod:`.cam_loss`)."""
     t = gradcam(teacher, x, layer=teacher_layer, mode=mode).detach()
-    s = gradcam(student, x, layer=student_layer, mode=mode, differentiable=True)
-    return F.mse_loss(s, t)
+    a4, alpha = _maps_inputs(student, x, student_layer, "pred", mode, True, "auto")
+    return _loss_from_weights(a4, alpha, t, mode)

@@ -32,7 +32,7 @@ from ..nn import QuantAct
 from ..ops.lowpass import gaussian_lowpass
 from ..quantize_model import calibrate
 from ..synthesis.storage import atomic_write_bytes
-from .gradcam import cam_from_activation, capture
+from .gradcam import cam_from_activation, cam_loss_from_activation, capture
 from .losses import kd_loss, selective_ce
 
 DEFAULTS = dict(lr=1e-5, momentum=0.9, weight_decay=1e-4, temperature=20.0, alpha=20.0, lambda_ce=5.0,
@@ -74,7 +74,7 @@ def step_losses(method: str, fp_model: nn.Module, q_model: nn.Module, x: torch.T
     if method == "kd":
         return kd, F.cross_entropy(s, y), torch.zeros(()), len(y)
     ce, sel = selective_ce(s, t, y, opt["tau"])
-    cam = F.mse_loss(cam_from_activation(s, a_s, x.shape[-2:], differentiable=True), cam_t) if use_cam else torch.zeros(())
+    cam = cam_loss_from_activation(s, a_s, cam_t) if use_cam else torch.zeros(())
     return kd, ce, cam, int(sel.sum())
 
 
