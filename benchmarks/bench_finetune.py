@@ -42,30 +42,6 @@ def rfft_lowpass(x, d0):
     return torch.fft.irfft2(torch.fft.rfft2(x) * torch.exp(-(fy**2 + fx**2) / (2 * d0 * d0)), s=(h, w))
 
 
-def official_student_map(model, x):
-    """SynQ's student mask: an extra forward with hooks, the predicted scores back-propagated through the
-    whole network (no create_graph), alpha from the hooked gradient, the map differentiable through A."""
-    layer = default_layer(model)
-    store = {}
-    h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-    h2 = layer.register_full_backward_hook(lambda m, gi, go: store.__setitem__("g", go[0]))
-    try:
-        logits = model(x)
-        score = logits.gather(1, logits.argmax(1, keepdim=True))
-        score.backward(torch.ones_like(score), retain_graph=True)
-    finally:
-        h1.remove()
-        h2.remove()
-    g = store["g"].detach()
-    while (g == 0).any():
-        g = g + 1e-10
-    alpha = g.mean(dim=(2, 3), keepdim=True).clamp(min=1e-10)
-    cam = F.interpolate(F.relu((alpha * store["a"]).sum(1, keepdim=True)), size=x.shape[-2:], mode="bilinear",
-                        align_corners=False).squeeze(1)
-    mn, mx = cam.flatten(1).min(1)[0].view(-1, 1, 1), cam.flatten(1).max(1)[0].view(-1, 1, 1)
-    return (cam - mn) / (mx - mn + 1e-10)
-
-
 def lowpass_rows(quick: bool) -> list[dict]:
     rows = []
     shapes = [(256, 3, 32, 32), (32, 3, 224, 224)] if not quick else [(32, 3, 32, 32), (4, 3, 224, 224)]
@@ -130,7 +106,7 @@ def run(quick: bool) -> list[dict]:
             s = q(xin)
             ce, _ = selective_ce(s, t, y, opts["tau"])
             cam_t = reference_gradcam(fp, xin)           # extra teacher forward + full backward
-            cam_s = official_student_map(q, xin)          # extra student forward + full backward
+            cam_s = reference_gradcam(q, xin, differentiable=True)  # extra student forward + full backward
             loss = kd_loss(s, t) + opts["lambda_ce"] * ce + opts["lambda_cam"] * F.mse_loss(cam_t, cam_s)
             opt.zero_grad()
             loss.backward()

@@ -255,10 +255,11 @@ def gradcam(model: nn.Module, x: torch.Tensor, *, layer=None, target="pred", mod
     return finish_map((alpha * a4).sum(dim=1, keepdim=True), x.shape[-2:], mode)
 
 
-def reference_gradcam(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def reference_gradcam(model: nn.Module, x: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
     """SynQ's official procedure (its gradcam.py), the semantics ``mode="synq"`` reproduces: hooks on the last
     conv, each sample's predicted-class score back-propagated through the WHOLE network (parameter gradients
-    included), then the same weights / ReLU / upsample / min-max. Slow by design; for tests and benchmarks."""
+    included), then the same weights / ReLU / upsample / min-max. ``differentiable``: the map keeps A's graph
+    (the official student mask). Slow by design; for tests and benchmarks."""
     layer = default_layer(model)
     store = {}
     h1 = layer.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
@@ -267,11 +268,11 @@ def reference_gradcam(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         model.zero_grad()
         logits = model(x)
         score = logits.gather(1, logits.argmax(1, keepdim=True))
-        score.backward(torch.ones_like(score))
+        score.backward(torch.ones_like(score), retain_graph=differentiable)
     finally:
         h1.remove()
         h2.remove()
-    a, g = store["a"].detach(), store["g"].detach()
+    a, g = store["a"] if differentiable else store["a"].detach(), store["g"].detach()
     while (g == 0).any():
         g = g + 1e-10
     alpha = g.mean(dim=(2, 3), keepdim=True).clamp(min=1e-10)

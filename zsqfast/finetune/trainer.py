@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ..nn import QuantAct
 from ..ops.lowpass import gaussian_lowpass
 from ..quantize_model import calibrate
+from ..synthesis.engine import _progress
 from ..synthesis.storage import atomic_write_bytes
 from .gradcam import cam_from_activation, cam_loss_from_activation, capture
 from .losses import FeatureTap, feature_alignment, feature_layers, kd_loss, selective_ce
@@ -183,6 +184,7 @@ def finetune(fp_model: nn.Module, q_model: nn.Module, dataset, *, method: str = 
     if opt["lambda_fa"]:
         names = opt["fa_layers"] or feature_layers(fp_model)
         taps = (FeatureTap(q_model, names), FeatureTap(fp_model, names))  # hooks once per run, not per step
+    bar = _progress((last - start) * steps_per_epoch, progress and last > start, desc=f"finetune {method}")
     try:
         for epoch in range(start, last):
             g = torch.Generator().manual_seed(seed * 7919 + epoch)
@@ -210,6 +212,9 @@ def finetune(fp_model: nn.Module, q_model: nn.Module, dataset, *, method: str = 
                 for k in ("loss", "kd", "ce", "cam", "fa", "promoted"):
                     totals[k] += float(terms[k].detach()) / steps_per_epoch
                 totals["selected"] += terms["selected"] / len(images)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.4g}", refresh=False)
             record = dict(epoch=epoch + 1, lr=sched.get_last_lr()[0], **{k: round(v, 6) for k, v in totals.items()})
             if eval_data is not None:
                 record["accuracy"] = evaluate(q_model, *eval_data)
@@ -224,4 +229,6 @@ def finetune(fp_model: nn.Module, q_model: nn.Module, dataset, *, method: str = 
     finally:
         for tap in taps or ():
             tap.close()
+        if bar is not None:
+            bar.close()
     return {"epochs": history, "final_accuracy": history[-1].get("accuracy") if history else None}
