@@ -144,6 +144,8 @@ def gaussian_lowpass(x: torch.Tensor, d0: float, *, method: str = "auto") -> tor
             (banded when the kernels are narrow enough, see BANDED_FRACTION, else circulant).
     Returns:
         Tensor like x (contiguous). Every method is within 1e-5 of the reference in fp32 for |x| <~ 10.
+        A NaN / Inf pixel spreads over its whole plane in "fft" and "circulant" but only over the band
+        (+-r pixels) in "banded"; SynQ applies ``nan_to_num`` after the filter either way.
     """
     check_input(x)
     if x.dim() < 2:
