@@ -2,7 +2,8 @@
 
 Rows:
   low-pass  official fft2 path vs an rfft2 filter (the best plain-PyTorch way) vs zsqfast (auto: banded
-            separable circular convolution when the kernel is narrow, else the BLAS circulant products),
+            separable circular convolution when the kernel is narrow, else the BLAS circulant products for
+            small images and a cached-mask rfft2 for large ones),
             at d0 = 80 (SynQ's default) and d0 = 20 (paper grid), 256x3x32x32 and 32x3x224x224;
   Grad-CAM  a plain no-grad forward of the same batch (the floor) vs the official procedure (full backward
             through the whole network) vs pytorch-grad-cam (when installed) vs zsqfast SynQ mode
@@ -51,7 +52,9 @@ def lowpass_rows(quick: bool) -> list[dict]:
             t = {"official fft2": bench(lambda: zsqfast.gaussian_lowpass(x, d0, method="fft"), reps=5),
                  "rfft2": bench(lambda: rfft_lowpass(x, d0), reps=5)}
             taps = [len(zsqfast.ops.lowpass.band_taps(n, d0)) for n in shape[-2:]]
-            t[f"zsqfast auto ({'x'.join(map(str, taps))} taps)"] = bench(lambda: zsqfast.gaussian_lowpass(x, d0), reps=5)
+            chosen = zsqfast.ops.lowpass.auto_method(shape[-2], shape[-1], d0)
+            t[f"zsqfast auto: {chosen} ({'x'.join(map(str, taps))} taps)"] = bench(
+                lambda: zsqfast.gaussian_lowpass(x, d0), reps=5)
             t["zsqfast banded"] = bench(lambda: zsqfast.gaussian_lowpass(x, d0, method="banded"), reps=5)
             t["zsqfast circulant"] = bench(lambda: zsqfast.gaussian_lowpass(x, d0, method="circulant"), reps=5)
             for k, v in t.items():

@@ -16,7 +16,7 @@ D0S = [1.0, 4.0, 20.0, 80.0]
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("d0", D0S)
-@pytest.mark.parametrize("method", ["banded", "circulant"])
+@pytest.mark.parametrize("method", ["banded", "circulant", "rfft"])
 def test_fast_paths_match_fft_reference(size, d0, method):
     x = torch.randn(2, 3, *size) * 2
     ref = gaussian_lowpass(x, d0, method="fft")
@@ -70,7 +70,9 @@ def test_tap_selection_reads_the_kernel_decay():
     # auto: banded only when it is cheaper
     x = torch.randn(1, 1, 224, 224)
     assert torch.equal(gaussian_lowpass(x, 20.0), gaussian_lowpass(x, 20.0, method="banded"))
-    assert torch.equal(gaussian_lowpass(x, 80.0), gaussian_lowpass(x, 80.0, method="circulant"))
+    assert torch.equal(gaussian_lowpass(x, 80.0), gaussian_lowpass(x, 80.0, method="rfft"))      # wide, large
+    small = torch.randn(2, 3, 32, 32)
+    assert torch.equal(gaussian_lowpass(small, 80.0), gaussian_lowpass(small, 80.0, method="circulant"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -107,7 +109,7 @@ def test_reference_is_the_official_formula_fp64():
     v = torch.arange(w)[None, :] - w // 2
     mask = torch.exp(-(u**2 + v**2).double() / (2 * d0**2))
     want = torch.fft.ifft2(torch.fft.ifftshift(spec * mask, dim=(-2, -1))).real
-    for method in ("fft", "circulant", "banded"):
+    for method in ("fft", "circulant", "banded", "rfft"):
         assert torch.allclose(gaussian_lowpass(x, d0, method=method), want, atol=1e-12)
 
 
