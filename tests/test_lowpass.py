@@ -83,6 +83,12 @@ def test_circular_conv_sep_op(backend):
     with zsqfast.use_backend(backend):
         got = lp.circular_conv_sep(x, wh, ww)
     assert (got - want).abs().max() <= 1e-6
+    long, x3 = torch.rand(9), x[:, :, :3]  # 9 taps on a 3-row axis: offsets wrap more than once
+    with zsqfast.use_backend(backend):
+        got3 = lp.circular_conv_sep(x3, long, ww)
+    want3 = sum(long[a] * torch.roll(x3.double(), 4 - a, dims=-2) for a in range(9))
+    want3 = sum(ww[b] * torch.roll(want3, 1 - b, dims=-1) for b in range(3))
+    assert (got3 - want3.float()).abs().max() <= 1e-5
     # reference semantics spelled out once: out[i, j] = sum wh[a] ww[b] x[(i + a - 2) % H, (j + b - 1) % W]
     i, j = 0, 16
     direct = sum(wh[a] * ww[b] * x[1, 2, (i + a - 2) % 11, (j + b - 1) % 17] for a in range(5) for b in range(3))

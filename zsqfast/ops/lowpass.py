@@ -121,9 +121,9 @@ def _conv_fake(x, wh, ww):
 def _conv_adapter(impl, x, wh, ww):
     if x.dim() < 2 or wh.numel() % 2 == 0 or ww.numel() % 2 == 0:
         raise ValueError("circular_conv_sep needs (..., H, W) input and odd-length taps")
-    if x.dtype == torch.float64 or x.numel() == 0:
-        return conv_reference(x, wh, ww)
     h, w = x.shape[-2:]
+    if x.dtype == torch.float64 or x.numel() == 0 or wh.numel() > 2 * h + 1 or ww.numel() > 2 * w + 1:
+        return conv_reference(x, wh, ww)  # the kernels wrap each offset at most once
     xf = x.reshape(-1, h, w).to(torch.float32).contiguous()
     wf = [t.to(device=x.device, dtype=torch.float32).contiguous() for t in (wh, ww)]
     return impl(xf, *wf).reshape(x.shape).to(x.dtype)
