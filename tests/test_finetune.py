@@ -160,3 +160,18 @@ def test_two_epochs_with_feature_alignment_and_promotion():
     e = res["epochs"]
     assert e[1]["loss"] < e[0]["loss"] and e[0]["fa"] > 0 and e[0]["promoted"] > 0
     assert not any(m._forward_hooks for m in list(q.modules()) + list(fp.modules()))
+
+
+def test_synq_step_on_a_vit():
+    import timm
+
+    from zsqfast.finetune.trainer import step_losses
+
+    torch.manual_seed(0)
+    vit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    q = zsqfast.calibrate(zsqfast.quantize_model(vit, 4, 4), [x], freeze=True)
+    terms = step_losses("synq", vit, q, zsqfast.gaussian_lowpass(x, 80.0), y, _opts(promote_eps=0.01))
+    terms["loss"].backward()
+    assert all(torch.isfinite(terms[k]) for k in ("loss", "kd", "ce", "cam", "promoted")) and terms["cam"] > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in q.parameters())
