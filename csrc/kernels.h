@@ -35,6 +35,11 @@ void bn_stats(DType dt, const void* x, int64_t n, int64_t inner, int64_t C, floa
 // out[o] = (grad ? grad[o] : 0) + a[c] + b[c] * x[o]    (fp32 math: (a + b * x) + grad)
 void bn_stats_bwd(DType dt, const void* grad, const void* x, void* out, int64_t n, const float* a, const float* b,
                   int64_t inner, int64_t C);
+// Separable circular convolution of each (H, W) plane of contiguous fp32 x (planes, H, W) into out:
+// out[i, j] = sum_{a<=2rh} sum_{b<=2rw} wh[a] ww[b] x[(i + a - rh) mod H, (j + b - rw) mod W].
+// The taps must be symmetric (wh[a] = wh[2rh - a], ww[b] = ww[2rw - b]); fp32 arithmetic with FMA.
+void circular_conv_sep(const float* x, float* out, int64_t planes, int64_t H, int64_t W, const float* wh,
+                       int64_t rh, const float* ww, int64_t rw);
 // "avx512_vnni", "avx512", "avx2" or "scalar": what the kernels dispatch to now (the best this CPU has,
 // unless force_isa chose a lower one).
 const char* isa_name();

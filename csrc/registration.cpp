@@ -250,6 +250,22 @@ at::Tensor lowbit_conv2d_cuda(const at::Tensor& x, const at::Tensor& w_packed, i
 }
 #endif
 
+at::Tensor circular_conv_sep(const at::Tensor& x, const at::Tensor& wh, const at::Tensor& ww) {
+  TORCH_CHECK(x.device().is_cpu(), "zsqfast: circular_conv_sep has no CUDA kernel in this build");
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "zsqfast: circular_conv_sep takes contiguous float32 (planes, H, W)");
+  for (const at::Tensor* w : {&wh, &ww}) {
+    TORCH_CHECK(w->scalar_type() == at::kFloat && w->is_contiguous() && w->dim() == 1 && w->numel() % 2 == 1 &&
+                    w->device().is_cpu(),
+                "zsqfast: circular_conv_sep taps must be contiguous float32 CPU vectors of odd length");
+  }
+  at::Tensor out = at::empty_like(x);
+  cpu::set_num_threads(at::get_num_threads());
+  cpu::circular_conv_sep(x.data_ptr<float>(), out.data_ptr<float>(), x.size(0), x.size(1), x.size(2),
+                         wh.data_ptr<float>(), (wh.numel() - 1) / 2, ww.data_ptr<float>(), (ww.numel() - 1) / 2);
+  return out;
+}
+
 std::string cpu_isa() { return cpu::isa_name(); }
 bool set_cpu_isa(c10::string_view name) { return cpu::force_isa(std::string(name).c_str()); }
 
@@ -271,6 +287,7 @@ TORCH_LIBRARY(zsqfast_ext, m) {
   m.def("lowbit_conv2d(Tensor x, Tensor w_packed, int w_bits, int K, Tensor w_scale, Tensor w_zero, Tensor w_colsum, "
         "Tensor a_scale, Tensor a_inv_scale, Tensor a_zero, int a_bits, Tensor? bias, int[] kernel_size, int[] stride, "
         "int[] padding, int[] dilation, int groups) -> Tensor");
+  m.def("circular_conv_sep(Tensor x, Tensor wh, Tensor ww) -> Tensor");
   m.def("cpu_isa() -> str", &zsqfast::cpu_isa);
   m.def("set_cpu_isa(str name) -> bool", &zsqfast::set_cpu_isa);
 }
@@ -282,6 +299,7 @@ TORCH_LIBRARY_IMPL(zsqfast_ext, CPU, m) {
   m.impl("lsq_fake_quant_backward", &zsqfast::lsq_fake_quant_backward);
   m.impl("bn_stats", &zsqfast::bn_stats);
   m.impl("bn_stats_backward", &zsqfast::bn_stats_backward);
+  m.impl("circular_conv_sep", &zsqfast::circular_conv_sep);
 }
 
 #ifdef ZSQFAST_WITH_CUDA

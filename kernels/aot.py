@@ -25,6 +25,7 @@ from ._common import COMPILE_OPTIONS
 from .bn_stats import bn_stats_bwd_kernel, bn_stats_kernel
 from .fake_quant import fake_quant_bwd_kernel, fake_quant_fwd_kernel
 from .lowbit_gemm import lowbit_gemm_kernel, quant_tiles, quantize_rows_kernel, tiles
+from .lowpass import GPU_TILES, circular_pass_kernel
 from .lsq import lsq_bwd_kernel, lsq_fwd_kernel
 
 ARCHS = (80, 90)
@@ -87,6 +88,13 @@ def specializations():
                                       "b_ptr": "*fp32", "n": "i32", "inner": "i32", "C": "i32",
                                       "HAS_GRAD": "constexpr", "BLOCK": "constexpr"},
                 {"HAS_GRAD": has_grad, "BLOCK": BLOCK}))
+    # the low-pass filter's circular pass (fp32 contract): along H (s_m = 1) and along W (s_l = 1)
+    for axis, unit in (("H", "s_m"), ("W", "s_l")):
+        yield (f"circular_pass[along_{axis}]", "fp32", *_variant(
+            circular_pass_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32", "w_ptr": "*fp32", "L": "i32", "M": "i32",
+                                   "s_plane": "i32", "s_l": "i32", "s_m": "i32", "T": "i32", "R": "i32",
+                                   "BL": "constexpr", "BM": "constexpr"},
+            {unit: 1, "BL": GPU_TILES[0], "BM": GPU_TILES[1]}))
     yield from lowbit_specializations()
 
 

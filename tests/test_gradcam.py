@@ -1,17 +1,81 @@
-"""Grad-CAM: the head-only fast path against the official SynQ procedure (full backward), gradients of the
-CAM-alignment loss, standard mode."""
+"""Grad-CAM: the head-only fast path against the official SynQ procedure (full backward); standard mode
+against an independent textbook implementation (always) and the grad-cam package (when installed); the
+GAP -> linear closed form against the general path and its detection; ViT token grids; the CAM loss."""
+import functools
+
+import numpy as np
 import pytest
+import timm
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 import zsqfast
-from zsqfast.finetune.gradcam import reference_gradcam
+from zsqfast.finetune.gradcam import MODES, default_layer, reference_gradcam
+from zsqfast.finetune.head import linear_head
 from zsqfast.models import build
 
+CNNS = [("cifar_resnet20", 32), ("resnet18", 64), ("mobilenetv2_100", 64)]
 
-@pytest.mark.parametrize("name,size", [("cifar_resnet20", 32), ("resnet18", 64), ("mobilenetv2_100", 64)])
+
+VIT_SIZE = 64  # deit_tiny at 64x64: a 4x4 token grid (keeps the test fast; the code path is the same)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(name):
+    torch.manual_seed(0)
+    return build(name).eval()
+
+
+def _model(name):
+    """One randomly initialised model per name for the whole module (tests never modify it)."""
+    return _cached(name)
+
+
+def _vit():
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=VIT_SIZE).eval()
+
+
+def _grid(t):  # tokens (B, 1 + s*s, D) -> (B, D, s, s), what the package's reshape_transform must do
+    s = int((t.shape[1] - 1) ** 0.5)
+    return t[:, 1:].transpose(1, 2).reshape(t.shape[0], t.shape[2], s, s)
+
+
+def textbook_gradcam(model, layer, x, reshape=None):
+    """Textbook Grad-CAM, written independently: one backward of the summed predicted-class scores through
+    the whole network, gradients from a tensor hook, per-sample numpy normalisation as pytorch-grad-cam."""
+    store = {}
+
+    def fwd(module, inputs, output):
+        store["a"] = output
+        output.register_hook(lambda g: store.__setitem__("g", g))
+
+    handle = layer.register_forward_hook(fwd)
+    try:
+        out = model(x)
+    finally:
+        handle.remove()
+    model.zero_grad()
+    out[torch.arange(len(x)), out.argmax(1)].sum().backward()
+    a, g = store["a"].detach(), store["g"].detach()
+    if reshape is not None:
+        a, g = reshape(a), reshape(g)
+    maps = []
+    for i in range(len(x)):
+        w = g[i].mean(dim=(1, 2)).numpy()
+        c = np.maximum((w[:, None, None] * a[i].numpy()).sum(0), 0)
+        c = (c - c.min()) / (c.max() - c.min() + 1e-7)
+        c = F.interpolate(torch.from_numpy(c)[None, None], size=tuple(x.shape[-2:]), mode="bilinear",
+                          align_corners=False)[0, 0].numpy()
+        maps.append((c - c.min()) / (c.max() - c.min() + 1e-7))
+    return torch.from_numpy(np.stack(maps))
+
+
+@pytest.mark.parametrize("name,size", CNNS)
 def test_synq_mode_matches_official_procedure(name, size):
     torch.manual_seed(0)
-    model = build(name).eval()
+    model = _model(name)
     x = torch.randn(6, 3, size, size)
     want = reference_gradcam(model, x)
     got = zsqfast.gradcam(model, x)
@@ -19,8 +83,88 @@ def test_synq_mode_matches_official_procedure(name, size):
     assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("name,size", CNNS)
+def test_standard_mode_matches_textbook(name, size):
+    torch.manual_seed(1)
+    model = _model(name)
+    x = torch.randn(4, 3, size, size)
+    layer = default_layer(model, "standard", x)
+    want = textbook_gradcam(model, layer, x)
+    for closed in ("auto", False):
+        assert torch.allclose(zsqfast.gradcam(model, x, mode="standard", closed_form=closed), want, atol=1e-5)
+
+
+def test_vit_token_grid():
+    model = _vit()
+    x = torch.randn(2, 3, VIT_SIZE, VIT_SIZE)
+    assert default_layer(model, "synq") is model.blocks[-1] is default_layer(model, "standard")
+    want = textbook_gradcam(model, model.blocks[-1], x, reshape=_grid)
+    got = zsqfast.gradcam(model, x, mode="standard")
+    assert got.shape == (2, VIT_SIZE, VIT_SIZE) and torch.allclose(got, want, atol=1e-5)
+    assert linear_head(model, model.blocks[-1], x) is None  # LayerNorm + class token: no closed form
+    s = zsqfast.gradcam(model, x)  # synq mode on the same grid
+    assert s.shape == (2, VIT_SIZE, VIT_SIZE) and s.min() >= 0 and s.max() <= 1 + 1e-6
+
+
+def test_standard_mode_matches_grad_cam_package():
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    torch.manual_seed(2)
+    model = _model("resnet18")
+    x = torch.randn(3, 3, 64, 64)
+    with pgc.GradCAM(model=model, target_layers=[model.layer4[-1]]) as cam:
+        want = torch.from_numpy(cam(input_tensor=x, targets=None))
+    assert torch.allclose(zsqfast.gradcam(model, x, mode="standard", layer=model.layer4[-1]), want, atol=1e-4)
+    vit = _vit()
+    xv = torch.randn(2, 3, VIT_SIZE, VIT_SIZE)
+    with pgc.GradCAM(model=vit, target_layers=[vit.blocks[-1]], reshape_transform=_grid) as cam:
+        want = torch.from_numpy(cam(input_tensor=xv, targets=None))
+    assert torch.allclose(zsqfast.gradcam(vit, xv, mode="standard"), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,size", CNNS)
+def test_closed_form_detected_and_equal_to_general_path(name, size, monkeypatch):
+    torch.manual_seed(3)
+    model = _model(name)
+    x = torch.randn(2, 3, size, size)
+    q = zsqfast.calibrate(zsqfast.quantize_model(model, 4, 4), [x])
+    for m in (model, q):
+        layer = default_layer(m, "standard", x)
+        assert isinstance(linear_head(m, layer, x), nn.Linear)            # the GAP -> linear head found
+        assert linear_head(m, default_layer(m, "synq"), x) is None        # raw conv output: BN/ReLU follow
+        general = {mode: zsqfast.gradcam(m, x, mode=mode, layer=layer, closed_form=False) for mode in MODES}
+        with monkeypatch.context() as mp:  # the closed form must not call autograd at all
+            mp.setattr(torch.autograd, "grad", lambda *a, **k: (_ for _ in ()).throw(AssertionError("backward")))
+            for mode in MODES:
+                closed = zsqfast.gradcam(m, x, mode=mode, layer=layer, closed_form=True)
+                assert torch.allclose(closed, general[mode], atol=1e-5)
+
+
+def test_detection_rejects_nonlinear_heads():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    assert linear_head(net, net[0], x) is None          # ReLU between the layer and the pool
+    assert linear_head(net, net[1], x) is net[4]
+    with pytest.raises(ValueError, match="closed_form=True"):
+        zsqfast.gradcam(net, x, layer=net[0], closed_form=True)
+
+    class TwoUses(nn.Module):  # the map also feeds a second branch
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+
+        def forward(self, t):
+            a = self.conv(t)
+            return self.fc(a.mean((2, 3))) + a.amax((1, 2, 3))[:, None]
+
+    two = TwoUses().eval()
+    assert linear_head(two, two.conv, x) is None
+    got = zsqfast.gradcam(two, x, mode="standard", layer=two.conv)
+    assert torch.allclose(got, textbook_gradcam(two, two.conv, x), atol=1e-5)
+
+
 def test_fast_path_builds_no_parameter_gradients():
-    model = build("cifar_resnet20").eval()
+    model = _model("cifar_resnet20")
     model.zero_grad(set_to_none=True)
     zsqfast.gradcam(model, torch.randn(2, 3, 32, 32))
     assert all(p.grad is None for p in model.parameters())
@@ -28,7 +172,7 @@ def test_fast_path_builds_no_parameter_gradients():
 
 def test_cam_alignment_loss_trains_the_student():
     torch.manual_seed(0)
-    teacher = build("cifar_resnet20").eval()
+    teacher = _model("cifar_resnet20")
     student = zsqfast.calibrate(zsqfast.quantize_model(teacher, 4, 4), [torch.randn(8, 3, 32, 32)])
     x = torch.randn(4, 3, 32, 32)
     loss = zsqfast.cam_alignment_loss(teacher, student, x)
@@ -41,9 +185,9 @@ def test_cam_alignment_loss_trains_the_student():
     assert zsqfast.cam_alignment_loss(teacher, teacher, x).item() < 1e-10
 
 
-def test_standard_mode_and_layer_selection():
+def test_layer_selection_and_errors():
     torch.manual_seed(1)
-    model = build("cifar_resnet20").eval()
+    model = _model("cifar_resnet20")
     x = torch.randn(3, 3, 32, 32)
     by_name = zsqfast.gradcam(model, x, layer="layer3.2.conv2", mode="standard")
     by_module = zsqfast.gradcam(model, x, layer=model.layer3[2].conv2, mode="standard")
@@ -51,3 +195,24 @@ def test_standard_mode_and_layer_selection():
     assert by_name.min() >= 0 and by_name.max() <= 1 + 1e-6
     with pytest.raises(ValueError, match="mode"):
         zsqfast.gradcam(model, x, mode="cam++")
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        zsqfast.gradcam(model, x[0])
+
+
+def test_fused_cam_loss_matches_composite_and_gradcheck():
+    from zsqfast.finetune.cam_loss import cam_mse
+    from zsqfast.finetune.gradcam import finish_map
+
+    torch.manual_seed(5)
+    a = torch.randn(3, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    alpha = torch.rand(3, 5, dtype=torch.float64) - 0.3        # some negative: ReLU zeros part of the map
+    t = torch.rand(3, 9, 11, dtype=torch.float64)
+    composite = F.mse_loss(finish_map((alpha[:, :, None, None] * a).sum(1, keepdim=True), (9, 11), "synq"), t)
+    fused = cam_mse(a, alpha, t)
+    assert torch.allclose(fused, composite, rtol=1e-12, atol=0)
+    (g_c,) = torch.autograd.grad(composite, a)
+    (g_f,) = torch.autograd.grad(fused, a)
+    assert torch.allclose(g_f, g_c, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda v: cam_mse(v, alpha, t), (a,))
+    with pytest.raises(ValueError, match="cam_mse"):
+        cam_mse(a, alpha[:, :2], t)

@@ -32,6 +32,8 @@ def test_aot_compile_sm80_sm90_no_spills():
     names = {r["kernel"].split("[")[0] for r in rows}
     assert {"fake_quant_fwd", "fake_quant_bwd", "lsq_fwd", "lsq_bwd", "bn_stats", "bn_stats_bwd"} <= names
     assert {"lowbit_gemm", "lowbit_linear", "lowbit_quantize_rows"} <= names
+    assert {"fake_quant_fwd", "fake_quant_bwd", "lsq_fwd", "lsq_bwd", "bn_stats", "bn_stats_bwd",
+            "circular_pass"} <= names
     assert all(r["registers"] > 0 for r in rows)
     bad = [r for r in rows if r["spill_bytes"] != 0 or r["fma"] != 0 or r["ftz"] != 0]
     assert not bad, bad

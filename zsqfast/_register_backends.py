@@ -35,6 +35,9 @@ CUDA_CONTRACTS = CONTRACTS[:4]
 for _name in CONTRACTS:
     register_impl(_name, "cpp", _native(_name))
     register_impl(_name, "triton", _triton_impl(_name))
+#: the low-pass filter's banded path (zsqfast/ops/lowpass.py): C++ and Triton kernels
+register_impl("circular_conv_sep", "cpp", _native("circular_conv_sep"))
+register_impl("circular_conv_sep", "triton", _triton_impl("circular_conv_sep"))
 for _name in CUDA_CONTRACTS:
     register_impl(_name, "cuda", _native(_name))
 #: low-bit integer contracts with Triton and CUDA kernels (issue 3; the cpp ones are registered separately)

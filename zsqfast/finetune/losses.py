@@ -31,3 +31,48 @@ def selective_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     ce = F.cross_entropy(student_logits, labels, reduction="none")
     loss = (torch.where(sel, ce, torch.zeros_like(ce)).sum() + (b - sel.sum()) * math.log(c)) / b
     return loss, sel
+
+
+def channel_energy(feature: torch.Tensor) -> torch.Tensor:
+    """HAST's per-sample channel descriptor: ``F.normalize(mean_hw(x^2))`` of a (B, C, H, W) feature, (B, C)."""
+    return F.normalize(feature.pow(2).mean(dim=(2, 3)), dim=1)
+
+
+def feature_alignment(student_feats, teacher_feats, weight: float = 1000.0) -> torch.Tensor:
+    """HAST feature alignment ``weight * sum_l mean((c_s - c_t)^2)`` over paired (B, C, H, W) features,
+    c = :func:`channel_energy` (teacher detached); official weight 1000."""
+    if len(student_feats) != len(teacher_feats) or not student_feats:
+        raise ValueError(f"feature alignment needs paired features, got {len(student_feats)} and {len(teacher_feats)}")
+    total = sum(F.mse_loss(channel_energy(s), channel_energy(t.detach())) for s, t in zip(student_feats, teacher_feats))
+    return total * weight
+
+
+#: module classes whose outputs HAST aligns (residual units of the CIFAR ResNets, timm ResNets / MobileNets)
+FEATURE_BLOCKS = ("BasicBlock", "Bottleneck", "InvertedResidual", "ResUnit")
+
+
+def feature_layers(model: torch.nn.Module) -> list[str]:
+    """Qualified names of the residual units of ``model`` (their outputs are the aligned features)."""
+    names = [n for n, m in model.named_modules() if type(m).__name__ in FEATURE_BLOCKS]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no residual unit ({', '.join(FEATURE_BLOCKS)}); pass fa_layers")
+    return names
+
+
+class FeatureTap:
+    """Forward hooks (registered once, removed by :meth:`close`) collecting the outputs of the named modules
+    of a model during each forward: ``tap.take()`` returns them in order and clears the list."""
+
+    def __init__(self, model: torch.nn.Module, names):
+        self.feats: list[torch.Tensor] = []
+        self.handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o: self.feats.append(o))
+                        for n in names]
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.feats = self.feats, []
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []

@@ -6,6 +6,13 @@ normalised space), low-pass filtered (:func:`zsqfast.gaussian_lowpass`, d0), the
 ``L = KD + lambda_ce * selective_CE + lambda_cam * CAM`` with the selective CE of
 :func:`zsqfast.finetune.losses.selective_ce` and the CAM-alignment loss on the filtered images.
 
+Optional, both off by default (``lambda_fa=0``, ``promote_eps=0``), both on in the official SynQ/HAST code:
+HAST feature alignment ``FA = lambda_fa * sum_l mean((c_s - c_t)^2)``, c = F.normalize(mean_hw(x^2)) per
+sample, on the outputs of the residual units (``fa_layers``; official: the units' bodies, lambda_fa 1000;
+hooks registered once per run), added to L; and one-step difficulty promotion
+``x' = x + promote_eps * sign(dL/dx)`` (official 0.01) with ``L' = KD' + lambda_ce * CE'`` on x', so that
+``total = L + L' + lambda_cam * CAM`` (:func:`step_losses`).
+
 Official settings (SynQ code defaults): T = alpha = 20, tau 0.5, d0 80, lambda_ce 5, lambda_cam 200;
 SGD momentum 0.9 nesterov, weight decay 1e-4; 100 epochs of 5,120 images. The learning rate here defaults
 to 1e-5 with cosine decay: the x8000 KL scaling makes 1e-4 diverge on the CIFAR ResNets (measured; see
@@ -31,12 +38,14 @@ import torch.nn.functional as F
 from ..nn import QuantAct
 from ..ops.lowpass import gaussian_lowpass
 from ..quantize_model import calibrate
+from ..synthesis.engine import _progress
 from ..synthesis.storage import atomic_write_bytes
-from .gradcam import cam_from_activation, capture
-from .losses import kd_loss, selective_ce
+from .gradcam import cam_from_activation, cam_loss_from_activation, capture
+from .losses import FeatureTap, feature_alignment, feature_layers, kd_loss, selective_ce
 
 DEFAULTS = dict(lr=1e-5, momentum=0.9, weight_decay=1e-4, temperature=20.0, alpha=20.0, lambda_ce=5.0,
-                lambda_cam=200.0, tau=0.5, d0=80.0, calib_batches=4, augment=True)
+                lambda_cam=200.0, tau=0.5, d0=80.0, calib_batches=4, augment=True, lambda_fa=0.0, fa_layers=None,
+                promote_eps=0.0)
 
 
 def random_resized_crop_flip(x: torch.Tensor, g: torch.Generator, scale=(0.5, 1.0)) -> torch.Tensor:
@@ -56,11 +65,31 @@ def random_resized_crop_flip(x: torch.Tensor, g: torch.Generator, scale=(0.5, 1.
     return out
 
 
+def _logit_losses(method, s, t, y, opt):
+    """``(kd, ce, n_selected)``: KD, and the plain CE (kd) or SynQ's selective CE (synq)."""
+    kd = kd_loss(s, t, opt["temperature"], opt["alpha"])
+    if method == "kd":
+        return kd, F.cross_entropy(s, y), len(y)
+    ce, sel = selective_ce(s, t, y, opt["tau"])
+    return kd, ce, int(sel.sum())
+
+
 def step_losses(method: str, fp_model: nn.Module, q_model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                opt: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """``(kd, ce, cam, n_selected)`` of one batch x (already augmented / filtered). For SynQ the CAM maps come
-    from the same two forward passes as the logits (teacher: graph-free front; each a head-only backward)."""
+                opt: dict, taps=None) -> dict:
+    """The loss terms of one batch x (already augmented / filtered) and their total ``"loss"``:
+
+    ``L = KD + lambda_ce * CE (+ FA)``; with ``promote_eps`` (HAST difficulty promotion, official 0.01) also
+    ``L' = KD' + lambda_ce * CE'`` on ``x' = x + eps * sign(dL/dx)`` (one step, dL/dx through the student,
+    teacher detached); ``total = L + L' + lambda_cam * CAM``. ``taps``: (student, teacher) :class:`FeatureTap`
+    when ``lambda_fa`` > 0 (FA = lambda_fa * sum_l mean((c_s - c_t)^2), official 1000).
+    For SynQ the CAM maps come from the same two forward passes as the logits (teacher: graph-free front;
+    each a head-only backward)."""
     use_cam = method == "synq" and bool(opt["lambda_cam"])
+    promote = bool(opt["promote_eps"])
+    if taps is not None:  # drop what other forwards (evaluation) left behind
+        taps[0].take(), taps[1].take()
+    if promote:
+        x = x.detach().requires_grad_(True)
     if use_cam:
         t_graph, a_t = capture(fp_model, x)
         cam_t = cam_from_activation(t_graph, a_t, x.shape[-2:]).detach()
@@ -70,12 +99,28 @@ def step_losses(method: str, fp_model: nn.Module, q_model: nn.Module, x: torch.T
         with torch.no_grad():
             t = fp_model(x)
         s = q_model(x)
-    kd = kd_loss(s, t, opt["temperature"], opt["alpha"])
-    if method == "kd":
-        return kd, F.cross_entropy(s, y), torch.zeros(()), len(y)
-    ce, sel = selective_ce(s, t, y, opt["tau"])
-    cam = F.mse_loss(cam_from_activation(s, a_s, x.shape[-2:], differentiable=True), cam_t) if use_cam else torch.zeros(())
-    return kd, ce, cam, int(sel.sum())
+    kd, ce, n_sel = _logit_losses(method, s, t, y, opt)
+    loss = kd + opt["lambda_ce"] * ce
+    zero = torch.zeros((), device=x.device)
+    fa = zero
+    if taps is not None:
+        fa = feature_alignment(taps[0].take(), taps[1].take(), opt["lambda_fa"])
+        loss = loss + fa
+    promoted = zero
+    if promote:
+        (gx,) = torch.autograd.grad(loss, x, retain_graph=True)
+        x2 = (x + opt["promote_eps"] * gx.sign()).detach()
+        with torch.no_grad():
+            t2 = fp_model(x2)
+        s2 = q_model(x2)
+        if taps is not None:
+            taps[0].take(), taps[1].take()
+        kd2, ce2, _ = _logit_losses(method, s2, t2, y, opt)
+        promoted = kd2 + opt["lambda_ce"] * ce2
+        loss = loss + promoted
+    cam = cam_loss_from_activation(s, a_s, cam_t) if use_cam else zero
+    return dict(loss=loss + opt["lambda_cam"] * cam if use_cam else loss, kd=kd, ce=ce, cam=cam, fa=fa,
+                promoted=promoted, selected=n_sel)
 
 
 @torch.no_grad()
@@ -135,41 +180,55 @@ def finetune(fp_model: nn.Module, q_model: nn.Module, dataset, *, method: str = 
         if isinstance(m, QuantAct):
             m.freeze()
     last = epochs if stop_after is None else min(epochs, start + stop_after)
-    for epoch in range(start, last):
-        g = torch.Generator().manual_seed(seed * 7919 + epoch)
-        q_model.eval()  # BatchNorm in eval; QuantActs frozen
-        perm = torch.randperm(len(images), generator=g)
-        totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "cam": 0.0, "selected": 0.0}
-        for step, idx in enumerate(perm.split(batch_size)):
-            x, y = images[idx], labels[idx]
-            if opt["augment"]:
-                x = random_resized_crop_flip(x, g)
-            if method == "synq":
-                x = torch.nan_to_num(gaussian_lowpass(x, opt["d0"]))
-            kd, ce, cam, n_sel = step_losses(method, fp_model, q_model, x, y, opt)
-            loss = kd + opt["lambda_ce"] * ce + opt["lambda_cam"] * cam
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning loss became {float(loss)} at epoch {epoch}, step {step}; "
-                                         f"lower lr (now {sched.get_last_lr()[0]:g})")
-            sgd.zero_grad(set_to_none=True)
-            loss.backward()
-            sgd.step()
-            if not bool(torch.isfinite(torch.stack([p.detach().abs().sum() for p in params]).sum())):
-                raise FloatingPointError(f"fine-tuning diverged at epoch {epoch}, step {step}: weights are no longer "
-                                         f"finite; lower lr (now {sched.get_last_lr()[0]:g})")
-            sched.step()
-            for k, v in (("loss", loss), ("kd", kd), ("ce", ce), ("cam", cam)):
-                totals[k] += float(v.detach()) / steps_per_epoch
-            totals["selected"] += n_sel / len(images)
-        record = dict(epoch=epoch + 1, lr=sched.get_last_lr()[0], **{k: round(v, 6) for k, v in totals.items()})
-        if eval_data is not None:
-            record["accuracy"] = evaluate(q_model, *eval_data)
-        history.append(record)
-        if progress:
-            print(json.dumps(record), file=sys.stderr)
-        if out is not None:
-            state = dict(model=q_model.state_dict(), optimizer=sgd.state_dict(), scheduler=sched.state_dict(),
-                         epoch=epoch + 1, history=history, method=method, epochs=epochs, seed=seed)
-            atomic_write_bytes(ckpt, lambda f: torch.save(state, f))
-            atomic_write_bytes(out / "log.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))
+    taps = None
+    if opt["lambda_fa"]:
+        names = opt["fa_layers"] or feature_layers(fp_model)
+        taps = (FeatureTap(q_model, names), FeatureTap(fp_model, names))  # hooks once per run, not per step
+    bar = _progress((last - start) * steps_per_epoch, progress and last > start, desc=f"finetune {method}")
+    try:
+        for epoch in range(start, last):
+            g = torch.Generator().manual_seed(seed * 7919 + epoch)
+            q_model.eval()  # BatchNorm in eval; QuantActs frozen
+            perm = torch.randperm(len(images), generator=g)
+            totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "cam": 0.0, "fa": 0.0, "promoted": 0.0, "selected": 0.0}
+            for step, idx in enumerate(perm.split(batch_size)):
+                x, y = images[idx], labels[idx]
+                if opt["augment"]:
+                    x = random_resized_crop_flip(x, g)
+                if method == "synq":
+                    x = torch.nan_to_num(gaussian_lowpass(x, opt["d0"]))
+                terms = step_losses(method, fp_model, q_model, x, y, opt, taps)
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"fine-tuning loss became {float(loss)} at epoch {epoch}, step {step}; "
+                                             f"lower lr (now {sched.get_last_lr()[0]:g})")
+                sgd.zero_grad(set_to_none=True)
+                loss.backward()
+                sgd.step()
+                if not bool(torch.isfinite(torch.stack([p.detach().abs().sum() for p in params]).sum())):
+                    raise FloatingPointError(f"fine-tuning diverged at epoch {epoch}, step {step}: weights are no longer "
+                                             f"finite; lower lr (now {sched.get_last_lr()[0]:g})")
+                sched.step()
+                for k in ("loss", "kd", "ce", "cam", "fa", "promoted"):
+                    totals[k] += float(terms[k].detach()) / steps_per_epoch
+                totals["selected"] += terms["selected"] / len(images)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{float(loss.detach()):.4g}", refresh=False)
+            record = dict(epoch=epoch + 1, lr=sched.get_last_lr()[0], **{k: round(v, 6) for k, v in totals.items()})
+            if eval_data is not None:
+                record["accuracy"] = evaluate(q_model, *eval_data)
+            history.append(record)
+            if progress:
+                print(json.dumps(record), file=sys.stderr)
+            if out is not None:
+                state = dict(model=q_model.state_dict(), optimizer=sgd.state_dict(), scheduler=sched.state_dict(),
+                             epoch=epoch + 1, history=history, method=method, epochs=epochs, seed=seed)
+                atomic_write_bytes(ckpt, lambda f: torch.save(state, f))
+                atomic_write_bytes(out / "log.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))
+    finally:
+        for tap in taps or ():
+            tap.close()
+        if bar is not None:
+            bar.close()
     return {"epochs": history, "final_accuracy": history[-1].get("accuracy") if history else None}

@@ -94,14 +94,14 @@ def _tv_l2(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean()
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, desc: str = "synthesis"):
     if not enabled:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc="synthesis", unit="it", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="it", file=sys.stderr, dynamic_ncols=True)
 
 
 def _synthesize_batch(bns: BNSLoss, shape, num_classes: int, b: int, batch: int, seed: int, iterations: int,
