@@ -7,7 +7,8 @@ tensors BY IDENTITY (references are held for the whole run, so ids are never reu
 * values stay on a quantizer's grid through a few value-preserving functions (max pooling, reshapes and
   views, slicing, ``contiguous`` / ``clone``, eval dropout): their outputs are tagged ``("derived", name)``;
 * a call into a quantized layer, a BatchNorm or a QuantAct records the source of its input; the torch calls
-  made INSIDE those modules are their own business and are not looked at;
+  made INSIDE a quantized layer or a QuantAct are not looked at, nor a BatchNorm's own ``batch_norm`` of its
+  recorded input (a timm BatchNormAct2d's ``drop`` and ``act`` run after it and ARE traced);
 * any other torch call that reads a tagged tensor (an add of a residual, a pooling, an in-place ReLU...) is an
   "other use" of that source, and so is the model's output; an in-place op drops the tags of every tensor
   sharing its storage (its values may no longer lie on the grid).

@@ -41,6 +41,7 @@ from ._trace import Dataflow, is_act_wrapper, is_bn, trace_dataflow
 from .nn import QuantAct, QuantConv2d, QuantLinear
 from .nn.int_layers import IntConv2d, IntLinear, activation_grid
 from .ops.lowbit_gemm import check_k, quantize_codes
+from .quantize_model import _swap
 
 FORMAT_VERSION = 1
 
@@ -57,22 +58,20 @@ class FoldedNormAct(nn.Module):
         return self.act(self.drop(x))
 
 
-def _swap(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, new)
-
-
 def _default_input(model: nn.Module) -> torch.Tensor:
     """A Gaussian example input: timm's ``pretrained_cfg['input_size']`` when the model has one, else
     (1, C, 32, 32) with C the first conv's input channels."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    if "input_size" in cfg:
-        return torch.randn(1, *cfg["input_size"], generator=torch.Generator().manual_seed(0))
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is None:
+    if "input_size" in cfg:
+        shape = (1, *cfg["input_size"])
+    elif conv is not None:
+        shape = (1, conv.in_channels, 32, 32)
+    else:
         raise ValueError("convert_to_integer cannot guess an input for a model without convolutions: pass "
                          "example_input")
-    return torch.randn(1, conv.in_channels, 32, 32, generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
 
 
 def _check(model: nn.Module) -> None:
@@ -104,7 +103,7 @@ def _act_grid(act: QuantAct):
 
 def _relu_fusable(relu: nn.Module, grid, bits: int) -> bool:
     """True when quantizing ``x`` and ``relu(x)`` on ``grid`` always gives the same codes."""
-    ends = torch.tensor([0.0, 6.0])
+    ends = torch.tensor([0.0, 6.0], device=grid[0].device)
     codes = quantize_codes(ends, grid[0], grid[1].float(), bits)
     return int(codes[0]) == 0 and (type(relu) is nn.ReLU or int(codes[1]) == (1 << bits) - 1)
 

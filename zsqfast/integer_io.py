@@ -29,9 +29,10 @@ import torch
 import torch.nn as nn
 
 from ._trace import is_act_wrapper
-from .convert import FORMAT_VERSION, FoldedNormAct, _swap
+from .convert import FORMAT_VERSION, FoldedNormAct
 from .nn import QuantAct
 from .nn.int_layers import IntConv2d, IntLinear
+from .quantize_model import _swap
 
 _META_KEY = "zsqfast_integer"
 

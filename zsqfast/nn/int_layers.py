@@ -43,7 +43,7 @@ def activation_grid(scale: torch.Tensor, zero_point: torch.Tensor | None, bits: 
     ops take: a symmetric signed grid ``q in [-2^(b-1), 2^(b-1) - 1]`` becomes ``u = q + 2^(b-1)``."""
     s = scale.detach().float().reshape(1).clone()
     if symmetric:
-        return s, torch.full((1,), 1 << (bits - 1), dtype=torch.int32)
+        return s, torch.full((1,), 1 << (bits - 1), dtype=torch.int32, device=s.device)
     return s, zero_point.detach().round().to(torch.int32).reshape(1).clone()
 
 
