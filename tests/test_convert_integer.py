@@ -206,3 +206,17 @@ def test_load_rejects_foreign_file(tmp_path):
     save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(ValueError, match="not an integer model"):
         zsqfast.load_integer_model(path, zsqfast.models.cifar_resnet(8))
+
+
+def test_torchvision_shared_relu():
+    """torchvision blocks call one ReLU module twice: its QuantAct is fused only where every call's output is
+    read by integer layers alone (the blocks before a downsampling block), and the result stays exact."""
+    pytest.importorskip("torchvision")
+    fp = randomized(zsqfast.models.build("torchvision:resnet18"), 32)
+    q = fake_quant(fp)
+    x = noise_batches(1, (2, 3, 32, 32), seed=3)[0]
+    im = zsqfast.convert_to_integer(q, x[:1])
+    assert zsqfast.integer_report(im)["fused_act"] == 3
+    assert layerwise_check(q, im, x) == 21
+    with torch.no_grad():
+        assert torch.equal(zsqfast.convert_to_integer(q, x[:1], fuse=False)(x), im(x))
