@@ -21,6 +21,8 @@ _ext.load_error()  # load the compiled kernels now (warns once, never raises)
 from . import _register_backends  # noqa: E402,F401  (cpp / triton / cuda implementations)
 from . import models, nn  # noqa: E402
 from .quantize_model import calibrate, quantization_report, quantize_model  # noqa: E402
+from .convert import convert_to_integer, integer_report  # noqa: E402
+from .integer_io import load_integer_model, save_integer_model  # noqa: E402
 from .finetune import cam_alignment_loss, finetune, gradcam  # noqa: E402
 from .synthesis import BNSLoss, SyntheticDataset, filter_images, synthesize  # noqa: E402
 from .pipeline import QuantizeResult, load_quantized, quantize  # noqa: E402
@@ -30,6 +32,7 @@ __all__ = ["pack_lowbit", "unpack_lowbit", "LowbitWeight", "lowbit_linear", "low
            "quantization_report", "models", "nn", "active_backend", "available_backends", "get_backend", "set_backend",
            "use_backend", "cpu_isa"]
 __all__ += ["QuantizeResult", "load_quantized", "quantize"]
+__all__ += ["convert_to_integer", "integer_report", "save_integer_model", "load_integer_model"]
 
 
 def cpu_isa() -> str:
