@@ -14,7 +14,9 @@ fi
 . "$VENV/bin/activate"
 pip_q() { pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
 python -c "import torch, torchvision" 2>/dev/null || pip_q torch==2.14.1 torchvision==0.29.1
-pip_q timm numpy pytest pybind11 ninja scikit-learn
+pip_q timm numpy pytest pybind11 ninja scikit-learn safetensors
+# test-only: the pytorch-grad-cam package that gradcam(mode="standard") is checked against
+pip_q grad-cam
 python -c "import torch; assert torch.__version__.startswith('2.14.1'), torch.__version__"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export MAX_JOBS=${MAX_JOBS:-2}
