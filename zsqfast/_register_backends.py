@@ -37,3 +37,8 @@ for _name in CONTRACTS:
     register_impl(_name, "triton", _triton_impl(_name))
 for _name in CUDA_CONTRACTS:
     register_impl(_name, "cuda", _native(_name))
+
+#: integer inference contracts (issue 3) with a C++ CPU kernel (csrc/cpu/lowbit_*.cpp)
+CPP_LOWBIT_CONTRACTS = ("lowbit_gemm", "lowbit_linear", "lowbit_conv2d")
+for _name in CPP_LOWBIT_CONTRACTS:
+    register_impl(_name, "cpp", _native(_name))
