@@ -144,24 +144,83 @@ inline __m512i bcast4(const uint8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-// tile (MR x NR) = A rows [a, a + MR lda) x panel, over k4n groups of 4 codes.
-template <int MR>
-void ukr(const uint8_t* a, int64_t lda, const uint8_t* panel, int64_t k4n, int32_t* tile) {
-  __m512i acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+constexpr int MR = 12;        // rows of the register block
+constexpr int64_t kKc = 512;  // K block of the panel (KC x NR bytes = 16 KiB: L1-resident)
+
+// tile (R x NR) = packed A block ([k4n][MR][4] bytes, rows < R used) x panel ([k4n][NR][4]).
+// tile (R x NR) = packed A block ([k4n][MR][4] bytes, rows < R used) x panel ([k4n][NR][4]).
+template <int R>
+__attribute__((noinline)) void ukr(const uint8_t* a, const uint8_t* panel, int64_t k4n, int32_t* tile) {
+  __m512i acc[R][2];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
   for (int64_t q = 0; q < k4n; ++q) {
     const __m512i b0 = _mm512_loadu_si512(panel + q * NR * 4), b1 = _mm512_loadu_si512(panel + q * NR * 4 + 64);
 #pragma GCC unroll 12
-    for (int r = 0; r < MR; ++r) {
-      const __m512i av = bcast4(a + r * lda + q * 4);
+    for (int r = 0; r < R; ++r) {
+      const __m512i av = bcast4(a + q * MR * 4 + r * 4);
       acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], av, b0);
       acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], av, b1);
     }
   }
-  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
     _mm512_storeu_si512(tile + r * NR, acc[r][0]);
     _mm512_storeu_si512(tile + r * NR + 16, acc[r][1]);
   }
+}
+
+// tile (rows [0, mr)) = or += (K blocking) the register block over k4n groups.
+void block(const uint8_t* a, const uint8_t* panel, int64_t k4n, int64_t mr, int32_t* tile, bool add) {
+  alignas(64) int32_t part[MR * NR];
+  int32_t* out = add ? part : tile;
+  if (mr > 8) ukr<12>(a, panel, k4n, out);
+  else if (mr > 4) ukr<8>(a, panel, k4n, out);
+  else ukr<4>(a, panel, k4n, out);
+  if (add)
+    for (int64_t i = 0; i < mr * NR; i += 16)
+      _mm512_storeu_si512(tile + i, _mm512_add_epi32(_mm512_loadu_si512(tile + i), _mm512_loadu_si512(part + i)));
+}
+
+// 16 consecutive codes-quads (64 codes, chunk t of the row: codes 64 t .. 64 t + 63) of weight row `row`, s8 form.
+inline __m512i chunk(const uint8_t* row, int bits, int64_t t) {
+  if (bits <= 4) {  // chunk t = low (t even) or high (t odd) nibbles of the 64 bytes of block t / 2
+    const __m512i v = _mm512_loadu_si512(row + (t >> 1) * 64);
+    return _mm512_and_si512((t & 1) ? _mm512_srli_epi16(v, 4) : v, _mm512_set1_epi8(0x0F));
+  }
+  const __m512i v = _mm512_loadu_si512(row + t * 64);
+  return bits == 8 ? _mm512_xor_si512(v, _mm512_set1_epi8(char(0x80))) : v;
+}
+
+// relayout() with 16 x 16 transposes of 4-byte groups (rows j0 .. j0 + 15, groups q0 .. q0 + 15 at a time).
+void relayout16(const Gemm& g, int64_t n0, int64_t Kp, uint8_t* panel) {
+  const int64_t rb = row_bytes(g.w_bits, Kp);
+  for (int j0 = 0; j0 < NR; j0 += 16)
+    for (int64_t t = 0; t < Kp / 64; ++t) {
+      __m512i r[16], u[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = n0 + j0 + i < g.N ? chunk(g.w + (n0 + j0 + i) * rb, g.w_bits, t) : _mm512_setzero_si512();
+      for (int i = 0; i < 16; i += 2) {
+        u[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        u[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+      }
+      for (int i = 0; i < 16; i += 4) {  // r[i + c]: rows i .. i+3, group 4 L + c in lane L
+        r[i] = _mm512_unpacklo_epi64(u[i], u[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(u[i], u[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(u[i + 1], u[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(u[i + 1], u[i + 3]);
+      }
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88), w0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xDD);
+        const __m512i v1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+        const __m512i w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xDD);
+        uint8_t* out = panel + ((t * 16) * NR + j0) * 4;
+        _mm512_storeu_si512(out + (c)*NR * 4, _mm512_shuffle_i32x4(v0, v1, 0x88));
+        _mm512_storeu_si512(out + (8 + c) * NR * 4, _mm512_shuffle_i32x4(v0, v1, 0xDD));
+        _mm512_storeu_si512(out + (4 + c) * NR * 4, _mm512_shuffle_i32x4(w0, w1, 0x88));
+        _mm512_storeu_si512(out + (12 + c) * NR * 4, _mm512_shuffle_i32x4(w0, w1, 0xDD));
+      }
+    }
 }
 
 void finish(const Ctx& x, int64_t m0, int64_t mr, int64_t n0, int64_t nr, int32_t* tile) {
@@ -194,21 +253,35 @@ void gemm(const Ctx& x) {
   const Gemm& g = x.g;
   const int64_t Kp = x.A.lda, M = x.A.M, np = (g.N + NR - 1) / NR;
   const int threads = int(std::min<int64_t>(num_threads(), np));
+  // A in register-block order: block i, group q, row r -> packed[(i * Kp / 4 + q) * MR * 4 + r * 4 .. + 4]
+  const int64_t nblk = (M + MR - 1) / MR;
+  std::vector<uint8_t> packed(static_cast<size_t>(nblk * MR * Kp));
+  const int pthreads = int(std::min<int64_t>(num_threads(), std::max<int64_t>(1, M * Kp / 65536)));
+#pragma omp parallel for schedule(static) num_threads(pthreads) if (pthreads > 1)
+  for (int64_t i = 0; i < nblk; ++i)
+    for (int r = 0; r < MR; ++r) {
+      const uint32_t* src = reinterpret_cast<const uint32_t*>(x.A.codes.data() + (i * MR + r) * Kp);
+      uint32_t* dst = reinterpret_cast<uint32_t*>(packed.data() + i * MR * Kp) + r;
+      for (int64_t q = 0; q < Kp / 4; ++q) dst[q * MR] = src[q];
+    }
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    std::vector<uint8_t> panel(static_cast<size_t>(Kp * NR)), tmp(static_cast<size_t>(Kp));
-    alignas(64) int32_t tile[12 * NR];
+    std::vector<uint8_t> panel(static_cast<size_t>(Kp * NR));
+    std::vector<int32_t> tiles(static_cast<size_t>(nblk * MR * NR));
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < np; ++p) {
       const int64_t n0 = p * NR, nr = std::min<int64_t>(NR, g.N - n0);
-      relayout(g, n0, Kp, panel.data(), tmp.data());
-      for (int64_t m0 = 0; m0 < M; m0 += 12) {
-        const int64_t mr = std::min<int64_t>(12, M - m0);
-        const uint8_t* a = x.A.codes.data() + m0 * Kp;
-        if (mr > 8) ukr<12>(a, Kp, panel.data(), Kp / 4, tile);
-        else if (mr > 4) ukr<8>(a, Kp, panel.data(), Kp / 4, tile);
-        else ukr<4>(a, Kp, panel.data(), Kp / 4, tile);
-        finish(x, m0, mr, n0, nr, tile);
+      relayout16(g, n0, Kp, panel.data());
+      for (int64_t k0 = 0; k0 < Kp; k0 += kKc) {  // a KC x NR slice of the panel stays in L1 across row blocks
+        const int64_t q0 = k0 / 4, k4n = std::min<int64_t>(kKc, Kp - k0) / 4;
+        for (int64_t m0 = 0; m0 < M; m0 += MR) {
+          const int64_t mr = std::min<int64_t>(MR, M - m0);
+          const uint8_t* a = packed.data() + m0 * Kp + q0 * MR * 4;
+          const uint8_t* b = panel.data() + q0 * NR * 4;
+          int32_t* tile = tiles.data() + m0 * NR;
+          block(a, b, k4n, mr, tile, k0 > 0);
+          if (k0 + kKc >= Kp) finish(x, m0, mr, n0, nr, tile);
+        }
       }
     }
   }
