@@ -366,6 +366,8 @@ inline __m256i dot4(__m256i acc, __m256i a, __m256i w) {  // acc + sum of 4 (u8 
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, w), _mm256_set1_epi16(1)));
 }
 
+inline __m256i ld(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+
 inline int32_t hsum(__m256i v) {
   __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
@@ -409,7 +411,6 @@ void finish(const Ctx& x, int64_t m0, int64_t mr, int64_t n0, int64_t nr, int32_
     int64_t j = 0;
     for (; j + 8 <= nr; j += 8) {
       const int64_t n = n0 + j;
-      auto ld = [](const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
       __m256i c = ld(tile + r * NR + j);
       c = _mm256_sub_epi32(c, _mm256_mullo_epi32(ld(g.zw + n), ra));
       c = _mm256_add_epi32(c, _mm256_mullo_epi32(ld(x.d32.data() + n), za));
@@ -452,7 +453,6 @@ void gemv_block(const Ctx& x, int64_t n0, int32_t* tile) {
   for (int j = 0; j < 4; ++j)
     for (int m = 0; m < MM; ++m) acc[j][m] = _mm256_setzero_si256();
   const __m256i lo4 = _mm256_set1_epi8(0x0F), x80 = _mm256_set1_epi8(char(g.w_bits == 8 ? 0x80 : 0));
-  auto ld = [](const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
   for (int64_t b = 0; b < Kp / kBlockK; ++b)
     for (int h = 0; h < 64; h += 32) {  // codes b*128 + h + [0, 32) and b*128 + 64 + h + [0, 32)
       __m256i alo[MM], ahi[MM];
