@@ -107,6 +107,25 @@ void relayout(const Gemm& g, int64_t n0, int64_t Kp, uint8_t* panel, uint8_t* tm
   }
 }
 
+// The GEMV driver (M <= kGemvRows): blocks of 4 weight rows spread over the threads; K::block<M> computes the
+// (M x 4) tile, K::finish writes it.
+template <class K>
+void gemv_rows(const Ctx& x) {
+  const int64_t M = x.A.M, nb = (x.g.N + 3) / 4;
+  const int threads = int(std::min<int64_t>(num_threads(), (nb + 15) / 16));
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t i = 0; i < nb; ++i) {
+    alignas(64) int32_t tile[kGemvRows * NR];
+    switch (M) {
+      case 1: K::template block<1>(x, 4 * i, tile); break;
+      case 2: K::template block<2>(x, 4 * i, tile); break;
+      case 3: K::template block<3>(x, 4 * i, tile); break;
+      default: K::template block<4>(x, 4 * i, tile); break;
+    }
+    K::finish(x, M, 4 * i, std::min<int64_t>(4, x.g.N - 4 * i), tile);
+  }
+}
+
 void scalar_run(const Ctx& x) {
   const Gemm& g = x.g;
   const int64_t Kp = x.A.lda, M = x.A.M;
@@ -329,21 +348,11 @@ void gemv_block(const Ctx& x, int64_t n0, int32_t* tile) {
     for (int j = 0; j < 4; ++j) tile[m * NR + j] = _mm512_reduce_add_epi32(acc[j][m]);
 }
 
-void gemv(const Ctx& x) {
-  const int64_t M = x.A.M, nb = (x.g.N + 3) / 4;
-  const int threads = int(std::min<int64_t>(num_threads(), (nb + 15) / 16));
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t i = 0; i < nb; ++i) {
-    alignas(64) int32_t tile[kGemvRows * NR];
-    switch (M) {
-      case 1: gemv_block<1>(x, 4 * i, tile); break;
-      case 2: gemv_block<2>(x, 4 * i, tile); break;
-      case 3: gemv_block<3>(x, 4 * i, tile); break;
-      default: gemv_block<4>(x, 4 * i, tile); break;
-    }
-    finish(x, 0, M, 4 * i, std::min<int64_t>(4, x.g.N - 4 * i), tile);
-  }
-}
+struct Gemv {
+  template <int MM> static void block(const Ctx& x, int64_t n0, int32_t* tile) { gemv_block<MM>(x, n0, tile); }
+  static void finish(const Ctx& x, int64_t mr, int64_t n0, int64_t nr, int32_t* tile) { vnni::finish(x, 0, mr, n0, nr, tile); }
+};
+void gemv(const Ctx& x) { gemv_rows<Gemv>(x); }
 
 void quantize(const float* x, int64_t K, float inv, int32_t za, int bits, uint8_t* out, int32_t* rowsum) {
   const __m512 vinv = _mm512_set1_ps(inv), vza = _mm512_set1_ps(float(za)), hi = _mm512_set1_ps(float((1 << bits) - 1));
@@ -489,21 +498,11 @@ void gemv_block(const Ctx& x, int64_t n0, int32_t* tile) {
     for (int j = 0; j < 4; ++j) tile[m * NR + j] = hsum(acc[j][m]);
 }
 
-void gemv(const Ctx& x) {
-  const int64_t M = x.A.M, nb = (x.g.N + 3) / 4;
-  const int threads = int(std::min<int64_t>(num_threads(), (nb + 15) / 16));
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t i = 0; i < nb; ++i) {
-    alignas(32) int32_t tile[kGemvRows * NR];
-    switch (M) {
-      case 1: gemv_block<1>(x, 4 * i, tile); break;
-      case 2: gemv_block<2>(x, 4 * i, tile); break;
-      case 3: gemv_block<3>(x, 4 * i, tile); break;
-      default: gemv_block<4>(x, 4 * i, tile); break;
-    }
-    finish(x, 0, M, 4 * i, std::min<int64_t>(4, x.g.N - 4 * i), tile);
-  }
-}
+struct Gemv {
+  template <int MM> static void block(const Ctx& x, int64_t n0, int32_t* tile) { gemv_block<MM>(x, n0, tile); }
+  static void finish(const Ctx& x, int64_t mr, int64_t n0, int64_t nr, int32_t* tile) { avx2::finish(x, 0, mr, n0, nr, tile); }
+};
+void gemv(const Ctx& x) { gemv_rows<Gemv>(x); }
 
 void quantize(const float* x, int64_t K, float inv, int32_t za, int bits, uint8_t* out, int32_t* rowsum) {
   const __m256 vinv = _mm256_set1_ps(inv), vza = _mm256_set1_ps(float(za)), hi = _mm256_set1_ps(float((1 << bits) - 1));
