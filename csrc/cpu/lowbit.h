@@ -12,11 +12,14 @@ inline int64_t padded_k(int64_t K) { return (K + kBlockK - 1) / kBlockK * kBlock
 
 // Activation codes in the engine's form: rows of `lda` (a multiple of 128, >= K) bytes, columns >= K zero,
 // `rows` >= M allocated rows (the tail rows are zero: the register-blocked kernel reads whole row blocks).
+// K-major form (kmajor, from the convolution's im2col): codes[k * ldk + m], k < lda, ldk = M rounded up to 8.
 struct Acts {
   std::vector<uint8_t> codes;
   std::vector<int32_t> rowsum;  // ra[m] = sum_k codes[m, k]
-  int64_t M = 0, lda = 0;
-  void resize(int64_t M_, int64_t K);  // zero-filled
+  int64_t M = 0, lda = 0, ldk = 0;
+  bool kmajor = false;
+  void resize(int64_t M_, int64_t K);          // row-major, zero-filled
+  void resize_kmajor(int64_t M_, int64_t K);   // K-major, zero-filled
   uint8_t* row(int64_t m) { return codes.data() + m * lda; }
 };
 

@@ -88,28 +88,43 @@ void depthwise(const Conv& c, const lowbit::Acts& codes) {
   }
 }
 
-// Codes of the patch of output pixel p of image plane set `planes` (group channels), padded with `pad`.
+// im2col of the codes of one image's group channels `planes` (row stride lda) in K-major form:
+// A.codes[k * ldk + p] = code of tap k = (ci, i, j) of output pixel p (`pad` outside the image); row sums.
 void im2col(const Conv& c, const uint8_t* planes, int64_t lda, uint8_t pad, lowbit::Acts& A) {
-  const int64_t P = c.Ho * c.Wo;
+  const int64_t P = c.Ho * c.Wo, ld = A.ldk;
   const int threads = int(std::min<int64_t>(num_threads(), std::max<int64_t>(1, P * c.K / 65536)));
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t oh = p / c.Wo, ow = p % c.Wo;
-    uint8_t* row = A.row(p);
-    int32_t s = 0;
-    int64_t k = 0;
-    for (int64_t ci = 0; ci < c.Cg; ++ci)
-      for (int64_t i = 0; i < c.kh; ++i) {
-        const int64_t ih = oh * c.sh - c.ph + i * c.dh;
-        const uint8_t* src = planes + ci * lda + ih * c.W;
-        for (int64_t j = 0; j < c.kw; ++j, ++k) {
-          const int64_t iw = ow * c.sw - c.pw + j * c.dw;
-          const uint8_t v = (ih >= 0 && ih < c.H && iw >= 0 && iw < c.W) ? src[iw] : pad;
-          row[k] = v;
-          s += v;
-        }
+  for (int64_t k = 0; k < c.K; ++k) {
+    const int64_t ci = k / (c.kh * c.kw), i = (k / c.kw) % c.kh, j = k % c.kw;
+    uint8_t* dst = A.codes.data() + k * ld;
+    // output columns whose tap lies inside the row: iw = ow sw - pw + j dw in [0, W)
+    const int64_t off = j * c.dw - c.pw;
+    const int64_t lo = std::clamp<int64_t>(off >= 0 ? 0 : (-off + c.sw - 1) / c.sw, 0, c.Wo);
+    const int64_t hi = std::clamp<int64_t>(c.W - off > 0 ? (c.W - off + c.sw - 1) / c.sw : 0, lo, c.Wo);
+    for (int64_t oh = 0; oh < c.Ho; ++oh) {
+      uint8_t* d = dst + oh * c.Wo;
+      const int64_t ih = oh * c.sh - c.ph + i * c.dh;
+      if (ih < 0 || ih >= c.H) {
+        std::memset(d, pad, size_t(c.Wo));
+        continue;
       }
-    A.rowsum[size_t(p)] = s;
+      const uint8_t* src = planes + ci * lda + ih * c.W + off;
+      std::memset(d, pad, size_t(lo));
+      if (c.sw == 1) std::memcpy(d + lo, src + lo, size_t(hi - lo));
+      else for (int64_t ow = lo; ow < hi; ++ow) d[ow] = src[ow * c.sw];
+      std::memset(d + hi, pad, size_t(c.Wo - hi));
+    }
+  }
+  const int64_t nb = (P + 255) / 256;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t p0 = b * 256, p1 = std::min(P, p0 + 256);
+    int32_t* s = A.rowsum.data() + p0;
+    for (int64_t p = 0; p < p1 - p0; ++p) s[p] = 0;
+    for (int64_t k = 0; k < c.K; ++k) {
+      const uint8_t* r = A.codes.data() + k * ld + p0;
+      for (int64_t p = 0; p < p1 - p0; ++p) s[p] += r[p];
+    }
   }
 }
 
@@ -144,7 +159,7 @@ void gemm_conv(const Conv& c, const lowbit::Acts& codes) {
   const uint8_t pad = uint8_t(std::clamp<int64_t>(c.za, 0, qa));
   const bool exact_pad = pad == c.za || (c.ph == 0 && c.pw == 0);
   lowbit::Acts A;
-  A.resize(P, c.K);
+  A.resize_kmajor(P, c.K);
   std::vector<float> tile(exact_pad ? size_t(P * c.OCg) : 0);
   std::vector<int32_t> acc(exact_pad ? 0 : size_t(P * c.OCg));
   for (int64_t b = 0; b < c.B; ++b)

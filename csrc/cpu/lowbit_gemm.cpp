@@ -285,12 +285,28 @@ void gemm(const Ctx& x) {
   std::vector<uint8_t> packed(static_cast<size_t>(nblk * MR * Kp));
   const int pthreads = int(std::min<int64_t>(num_threads(), std::max<int64_t>(1, M * Kp / 65536)));
 #pragma omp parallel for schedule(static) num_threads(pthreads) if (pthreads > 1)
-  for (int64_t i = 0; i < nblk; ++i)
+  for (int64_t i = 0; i < nblk; ++i) {
+    if (x.A.kmajor) {  // 4 K-rows x 8 pixels -> 8 x 4 bytes: a byte transpose of 32 bytes per group
+      const int64_t ld = x.A.ldk;
+      for (int64_t q = 0; q < Kp / 4; ++q) {
+        const uint8_t* s0 = x.A.codes.data() + 4 * q * ld + i * MR;
+        const __m128i r0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s0));
+        const __m128i r1 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s0 + ld));
+        const __m128i r2 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s0 + 2 * ld));
+        const __m128i r3 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s0 + 3 * ld));
+        const __m128i a = _mm_unpacklo_epi8(r0, r1), b = _mm_unpacklo_epi8(r2, r3);
+        uint8_t* d = packed.data() + (i * Kp / 4 + q) * MR * 4;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm_unpacklo_epi16(a, b));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 16), _mm_unpackhi_epi16(a, b));
+      }
+      continue;
+    }
     for (int r = 0; r < MR; ++r) {
       const uint32_t* src = reinterpret_cast<const uint32_t*>(x.A.codes.data() + (i * MR + r) * Kp);
       uint32_t* dst = reinterpret_cast<uint32_t*>(packed.data() + i * MR * Kp) + r;
       for (int64_t q = 0; q < Kp / 4; ++q) dst[q * MR] = src[q];
     }
+  }
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<uint8_t> panel(static_cast<size_t>(Kp * NR));
@@ -541,6 +557,17 @@ void Acts::resize(int64_t M_, int64_t K) {
   lda = padded_k(K);
   codes.assign(size_t((M + kRowPad - 1) / kRowPad * kRowPad * lda), 0);
   rowsum.assign(size_t(M), 0);
+  ldk = 0;
+  kmajor = false;
+}
+
+void Acts::resize_kmajor(int64_t M_, int64_t K) {
+  M = M_;
+  lda = padded_k(K);
+  ldk = (M + 7) / 8 * 8;
+  codes.assign(size_t(lda * ldk), 0);
+  rowsum.assign(size_t(M), 0);
+  kmajor = true;
 }
 
 bool narrow_epilogue(const Gemm& g, int64_t n_za) {
@@ -582,9 +609,17 @@ void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const floa
 
 void run(const Gemm& g, const Acts& acts) {
   if (acts.M <= 0 || g.N <= 0) return;
-  const Ctx x(g, acts);
   const Path path = path_for(g.a_bits, g.w_bits);
   const bool gemv = acts.M <= kGemvRows;
+  if (acts.kmajor && (path != Path::Vnni || gemv)) {  // only the VNNI GEMM packs K-major codes: transpose
+    Acts rm;
+    rm.resize(acts.M, acts.lda);
+    for (int64_t k = 0; k < acts.lda; ++k)
+      for (int64_t m = 0; m < acts.M; ++m) rm.row(m)[k] = acts.codes[size_t(k * acts.ldk + m)];
+    rm.rowsum = acts.rowsum;
+    return run(g, rm);
+  }
+  const Ctx x(g, acts);
   if (path == Path::Vnni) return gemv ? vnni::gemv(x) : vnni::gemm(x);
   if (path == Path::Avx2) return gemv ? avx2::gemv(x) : avx2::gemm(x);
   scalar_run(x);
