@@ -42,6 +42,10 @@ struct Gemm {
   bool per_token = false;
 };
 
+// Threads for a parallel loop over `items` work items: at most the CPU kernels' count, and 1 inside an
+// enclosing parallel region (the convolution runs images in parallel, each image's GEMM serially).
+int threads_for(int64_t items);
+
 // y or acc for rows [0, acts.M) of `acts` (threads over output columns; exact on every ISA level).
 void run(const Gemm& g, const Acts& acts);
 

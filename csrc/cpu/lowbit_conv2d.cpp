@@ -51,7 +51,8 @@ int32_t wcode(const Conv& c, int64_t n, int64_t k) {  // weight code (n, k) of t
   return (k % 128) < 64 ? v & 15 : v >> 4;
 }
 
-float epilogue(const Conv& c, int64_t n, __int128 v) {
+template <class T>  // int32_t, int64_t or __int128 (exact integers; float(v) rounds to nearest even)
+float epilogue(const Conv& c, int64_t n, T v) {
   const float y = float(v) * (c.sa * c.w_scale[n]);
   return c.bias ? y + c.bias[n] : y;
 }
@@ -70,7 +71,7 @@ void depthwise(const Conv& c, const lowbit::Acts& codes) {
   if constexpr (std::is_same_v<T, int32_t>) fn = pick(k_avx512::dw_fn32(), k_avx2::dw_fn32(), k_scalar::dw_fn32());
   else fn = pick(k_avx512::dw_fn64(), k_avx2::dw_fn64(), k_scalar::dw_fn64());
   const int64_t Hp = c.H + 2 * c.ph, Wp = c.W + 2 * c.pw, P = c.Ho * c.Wo, tasks = c.B * c.OC;
-  const int threads = int(std::min<int64_t>(num_threads(), tasks));
+  const int threads = lowbit::threads_for(tasks);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<T> xc(size_t(Hp * Wp), T(0)), out(static_cast<size_t>(P)), wc(size_t(c.K));
@@ -92,7 +93,7 @@ void depthwise(const Conv& c, const lowbit::Acts& codes) {
 // A.codes[k * ldk + p] = code of tap k = (ci, i, j) of output pixel p (`pad` outside the image); row sums.
 void im2col(const Conv& c, const uint8_t* planes, int64_t lda, uint8_t pad, lowbit::Acts& A) {
   const int64_t P = c.Ho * c.Wo, ld = A.ldk;
-  const int threads = int(std::min<int64_t>(num_threads(), std::max<int64_t>(1, P * c.K / 65536)));
+  const int threads = lowbit::threads_for(std::max<int64_t>(1, P * c.K / 65536));
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t k = 0; k < c.K; ++k) {
     const int64_t ci = k / (c.kh * c.kw), i = (k / c.kw) % c.kh, j = k % c.kw;
@@ -131,7 +132,7 @@ void im2col(const Conv& c, const uint8_t* planes, int64_t lda, uint8_t pad, lowb
 // The exact epilogue with the border correction of pad codes != za (rare: za outside the code range).
 void corrected_epilogue(const Conv& c, int64_t g, const lowbit::Acts& A, const int32_t* acc, uint8_t pad, float* yb) {
   const int64_t P = c.Ho * c.Wo;
-  const int threads = int(std::min<int64_t>(num_threads(), P));
+  const int threads = lowbit::threads_for(P);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t p = 0; p < P; ++p) {
     const int64_t oh = p / c.Wo, ow = p % c.Wo;
@@ -154,43 +155,59 @@ void corrected_epilogue(const Conv& c, int64_t g, const lowbit::Acts& A, const i
   }
 }
 
+// One (image, group): im2col, GEMM with the fused epilogue into `tile` (P, OCg), transposed into y (NCHW).
+struct ConvScratch {
+  lowbit::Acts A;
+  std::vector<float> tile;
+  std::vector<int32_t> acc;
+};
+
+void gemm_conv_one(const Conv& c, const lowbit::Acts& codes, int64_t b, int64_t g, uint8_t pad, bool exact_pad,
+                   ConvScratch& s) {
+  const int64_t P = c.Ho * c.Wo, n0 = g * c.OCg;
+  im2col(c, codes.codes.data() + (b * c.C + g * c.Cg) * codes.lda, codes.lda, pad, s.A);
+  lowbit::Gemm gm{c.w + n0 * row_bytes(c.w_bits, c.K), c.w_bits, c.a_bits, c.OCg, c.K};
+  float* yb = c.y + b * c.OC * P;
+  if (!exact_pad) {
+    gm.acc = s.acc.data();
+    lowbit::run(gm, s.A);
+    return corrected_epilogue(c, g, s.A, s.acc.data(), pad, yb);
+  }
+  gm.y = s.tile.data();
+  gm.ldy = c.OCg;
+  gm.sw = c.w_scale + n0;
+  gm.zw = c.w_zero + n0;
+  gm.cw = c.w_colsum + n0;
+  gm.bias = c.bias ? c.bias + n0 : nullptr;
+  gm.sa = &c.sa;
+  gm.za = &c.za;
+  lowbit::run(gm, s.A);
+  const float* tile = s.tile.data();
+  const int threads = lowbit::threads_for(std::max<int64_t>(1, P * c.OCg / 65536));
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  for (int64_t p0 = 0; p0 < P; p0 += 32)  // (P, OCg) -> y[b, n0 + n, p], 32 x 32 blocks
+    for (int64_t m0 = 0; m0 < c.OCg; m0 += 32)
+      for (int64_t n = m0; n < std::min(c.OCg, m0 + 32); ++n)
+        for (int64_t p = p0; p < std::min(P, p0 + 32); ++p) yb[(n0 + n) * P + p] = tile[size_t(p * c.OCg + n)];
+}
+
+// Images (x groups) in parallel when there are at least as many as threads (each one's GEMM then runs
+// serially: one parallel region a call instead of several an image); otherwise one at a time, each parallel.
 void gemm_conv(const Conv& c, const lowbit::Acts& codes) {
-  const int64_t P = c.Ho * c.Wo, qa = (int64_t(1) << c.a_bits) - 1;
+  const int64_t P = c.Ho * c.Wo, qa = (int64_t(1) << c.a_bits) - 1, jobs = c.B * c.groups;
   const uint8_t pad = uint8_t(std::clamp<int64_t>(c.za, 0, qa));
   const bool exact_pad = pad == c.za || (c.ph == 0 && c.pw == 0);
-  lowbit::Acts A;
-  A.resize_kmajor(P, c.K);
-  std::vector<float> tile(exact_pad ? size_t(P * c.OCg) : 0);
-  std::vector<int32_t> acc(exact_pad ? 0 : size_t(P * c.OCg));
-  for (int64_t b = 0; b < c.B; ++b)
-    for (int64_t g = 0; g < c.groups; ++g) {
-      im2col(c, codes.codes.data() + (b * c.C + g * c.Cg) * codes.lda, codes.lda, pad, A);
-      const int64_t n0 = g * c.OCg;
-      lowbit::Gemm gm{c.w + n0 * row_bytes(c.w_bits, c.K), c.w_bits, c.a_bits, c.OCg, c.K};
-      float* yb = c.y + b * c.OC * P;
-      if (!exact_pad) {
-        gm.acc = acc.data();
-        lowbit::run(gm, A);
-        corrected_epilogue(c, g, A, acc.data(), pad, yb);
-        continue;
-      }
-      gm.y = tile.data();
-      gm.ldy = c.OCg;
-      gm.sw = c.w_scale + n0;
-      gm.zw = c.w_zero + n0;
-      gm.cw = c.w_colsum + n0;
-      gm.bias = c.bias ? c.bias + n0 : nullptr;
-      gm.sa = &c.sa;
-      gm.za = &c.za;
-      lowbit::run(gm, A);
-      // (P, OCg) -> y[b, n0 + n, p], 32 x 32 blocks
-      const int threads = int(std::min<int64_t>(num_threads(), std::max<int64_t>(1, P * c.OCg / 65536)));
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-      for (int64_t p0 = 0; p0 < P; p0 += 32)
-        for (int64_t m0 = 0; m0 < c.OCg; m0 += 32)
-          for (int64_t n = m0; n < std::min(c.OCg, m0 + 32); ++n)
-            for (int64_t p = p0; p < std::min(P, p0 + 32); ++p) yb[(n0 + n) * P + p] = tile[size_t(p * c.OCg + n)];
-    }
+  const int threads = lowbit::threads_for(jobs);
+  const bool outer = threads > 1 && jobs >= threads;
+#pragma omp parallel num_threads(threads) if (outer)
+  {
+    ConvScratch s;
+    s.A.resize_kmajor(P, c.K);
+    s.tile.resize(exact_pad ? size_t(P * c.OCg) : 0);
+    s.acc.resize(exact_pad ? 0 : size_t(P * c.OCg));
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < jobs; ++j) gemm_conv_one(c, codes, j / c.groups, j % c.groups, pad, exact_pad, s);
+  }
 }
 
 }  // namespace

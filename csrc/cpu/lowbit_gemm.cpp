@@ -13,6 +13,9 @@
 // [K/4][32][4] (L2-resident) and reuses it across all rows with a register-blocked microkernel (8 x 32 int32
 // accumulators on AVX-512, 4 x 16 on AVX2) that broadcasts 4 activation bytes.
 #include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -112,7 +115,7 @@ void relayout(const Gemm& g, int64_t n0, int64_t Kp, uint8_t* panel, uint8_t* tm
 template <class K>
 void gemv_rows(const Ctx& x) {
   const int64_t M = x.A.M, nb = (x.g.N + 3) / 4;
-  const int threads = int(std::min<int64_t>(num_threads(), (nb + 15) / 16));
+  const int threads = threads_for((nb + 15) / 16);
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t i = 0; i < nb; ++i) {
     alignas(64) int32_t tile[kGemvRows * NR];
@@ -129,7 +132,7 @@ void gemv_rows(const Ctx& x) {
 void scalar_run(const Ctx& x) {
   const Gemm& g = x.g;
   const int64_t Kp = x.A.lda, M = x.A.M;
-  const int threads = int(std::min<int64_t>(num_threads(), g.N));
+  const int threads = threads_for(g.N);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<uint8_t> codes(static_cast<size_t>(Kp));
@@ -279,11 +282,11 @@ void finish(const Ctx& x, int64_t m0, int64_t mr, int64_t n0, int64_t nr, int32_
 void gemm(const Ctx& x) {
   const Gemm& g = x.g;
   const int64_t Kp = x.A.lda, M = x.A.M, np = (g.N + NR - 1) / NR;
-  const int threads = int(std::min<int64_t>(num_threads(), np));
+  const int threads = threads_for(np);
   // A in register-block order: block i, group q, row r -> packed[(i * Kp / 4 + q) * MR * 4 + r * 4 .. + 4]
   const int64_t nblk = (M + MR - 1) / MR;
   std::vector<uint8_t> packed(static_cast<size_t>(nblk * MR * Kp));
-  const int pthreads = int(std::min<int64_t>(num_threads(), std::max<int64_t>(1, M * Kp / 65536)));
+  const int pthreads = threads_for(std::max<int64_t>(1, M * Kp / 65536));
 #pragma omp parallel for schedule(static) num_threads(pthreads) if (pthreads > 1)
   for (int64_t i = 0; i < nblk; ++i) {
     if (x.A.kmajor) {  // 4 K-rows x 8 pixels -> 8 x 4 bytes: a byte transpose of 32 bytes per group
@@ -462,7 +465,7 @@ void finish(const Ctx& x, int64_t m0, int64_t mr, int64_t n0, int64_t nr, int32_
 void gemm(const Ctx& x) {
   const Gemm& g = x.g;
   const int64_t Kp = x.A.lda, M = x.A.M, np = (g.N + NR - 1) / NR;
-  const int threads = int(std::min<int64_t>(num_threads(), np));
+  const int threads = threads_for(np);
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<uint8_t> panel(static_cast<size_t>(Kp * NR)), tmp(static_cast<size_t>(Kp));
@@ -552,6 +555,13 @@ void quantize(const float* x, int64_t K, float inv, int32_t za, int bits, uint8_
 // --------------------------------------------------------------------------------------- engine, entries
 namespace zsqfast::cpu::lowbit {
 
+int threads_for(int64_t items) {
+#ifdef _OPENMP
+  if (omp_in_parallel()) return 1;
+#endif
+  return int(std::max<int64_t>(1, std::min<int64_t>(num_threads(), items)));
+}
+
 void Acts::resize(int64_t M_, int64_t K) {
   M = M_;
   lda = padded_k(K);
@@ -582,7 +592,7 @@ void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const floa
                    bool per_token, int bits, Acts& acts) {
   acts.resize(M, K);
   const Isa isa = active_isa();
-  const int threads = int(std::min<int64_t>(num_threads(), std::max<int64_t>(1, M * K / 65536)));
+  const int threads = threads_for(std::max<int64_t>(1, M * K / 65536));
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t m = 0; m < M; ++m) {
     const float iv = inv[per_token ? m : 0];
