@@ -108,6 +108,8 @@ CONVS = [
     (1, 4, 9, 9, 12, 3, 1, 1, 1, 4),   # depthwise with channel multiplier 3
     (1, 1, 10, 10, 4, 5, 1, 2, 1, 1),  # one input channel
     (1, 40, 6, 6, 33, 3, 1, 1, 1, 1),  # K = 360: several 128-blocks, odd OC
+    (3, 8, 3, 3, 6, 3, 2, 1, 1, 1),    # 2 x 2 outputs: the GEMV path
+    (2, 24, 10, 10, 20, 1, 1, 0, 1, 2),  # 1x1, grouped
 ]
 
 

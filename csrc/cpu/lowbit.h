@@ -33,6 +33,7 @@ struct Gemm {
   int32_t* acc = nullptr;
   float* y = nullptr;
   int64_t ldy = 0;
+  bool y_trans = false;  // y[n * ldy + m] instead (the convolution's NCHW output)
   const float* sw = nullptr;
   const int32_t* zw = nullptr;
   const int32_t* cw = nullptr;

@@ -2,7 +2,7 @@
 //   depthwise (C/groups == 1, e.g. MobileNetV2): direct int32 (int64 when the bound needs it) convolution of
 //       the centred codes (ua - za) with (uw - zw) over a zero-padded plane (exact padding), fused epilogue.
 //   otherwise: activations quantized once to u8 codes, im2col of the CODES per image and group into the GEMM
-//       engine of lowbit_gemm.cpp (fused epilogue into a (pixels, OC/groups) tile, then transposed to NCHW).
+//       engine of lowbit_gemm.cpp, whose fused epilogue stores the (pixels, OC/groups) tiles transposed (NCHW).
 //       Padded taps hold the code za when 0 <= za <= 2^ab - 1 (exact); otherwise they hold clamp(za) and each
 //       border pixel is corrected by (clamp(za) - za) * sum_{padded taps} (uw - zw) before the epilogue.
 #include <immintrin.h>
@@ -155,11 +155,10 @@ void corrected_epilogue(const Conv& c, int64_t g, const lowbit::Acts& A, const i
   }
 }
 
-// One (image, group): im2col, GEMM with the fused epilogue into `tile` (P, OCg), transposed into y (NCHW).
+// One (image, group): im2col, then the GEMM with its fused epilogue writing y (NCHW) directly.
 struct ConvScratch {
   lowbit::Acts A;
-  std::vector<float> tile;
-  std::vector<int32_t> acc;
+  std::vector<int32_t> acc;  // raw accumulators (border-corrected path only)
 };
 
 void gemm_conv_one(const Conv& c, const lowbit::Acts& codes, int64_t b, int64_t g, uint8_t pad, bool exact_pad,
@@ -173,8 +172,9 @@ void gemm_conv_one(const Conv& c, const lowbit::Acts& codes, int64_t b, int64_t 
     lowbit::run(gm, s.A);
     return corrected_epilogue(c, g, s.A, s.acc.data(), pad, yb);
   }
-  gm.y = s.tile.data();
-  gm.ldy = c.OCg;
+  gm.y = yb + n0 * P;  // fused epilogue stored straight into NCHW
+  gm.ldy = P;
+  gm.y_trans = true;
   gm.sw = c.w_scale + n0;
   gm.zw = c.w_zero + n0;
   gm.cw = c.w_colsum + n0;
@@ -182,13 +182,6 @@ void gemm_conv_one(const Conv& c, const lowbit::Acts& codes, int64_t b, int64_t 
   gm.sa = &c.sa;
   gm.za = &c.za;
   lowbit::run(gm, s.A);
-  const float* tile = s.tile.data();
-  const int threads = lowbit::threads_for(std::max<int64_t>(1, P * c.OCg / 65536));
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-  for (int64_t p0 = 0; p0 < P; p0 += 32)  // (P, OCg) -> y[b, n0 + n, p], 32 x 32 blocks
-    for (int64_t m0 = 0; m0 < c.OCg; m0 += 32)
-      for (int64_t n = m0; n < std::min(c.OCg, m0 + 32); ++n)
-        for (int64_t p = p0; p < std::min(P, p0 + 32); ++p) yb[(n0 + n) * P + p] = tile[size_t(p * c.OCg + n)];
 }
 
 // Images (x groups) in parallel when there are at least as many as threads (each one's GEMM then runs
@@ -203,7 +196,6 @@ void gemm_conv(const Conv& c, const lowbit::Acts& codes) {
   {
     ConvScratch s;
     s.A.resize_kmajor(P, c.K);
-    s.tile.resize(exact_pad ? size_t(P * c.OCg) : 0);
     s.acc.resize(exact_pad ? 0 : size_t(P * c.OCg));
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < jobs; ++j) gemm_conv_one(c, codes, j / c.groups, j % c.groups, pad, exact_pad, s);

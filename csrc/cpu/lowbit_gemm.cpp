@@ -75,7 +75,7 @@ void finish_scalar(const Ctx& x, int64_t m0, int64_t mr, int64_t n0, int64_t nr,
   for (int64_t r = 0; r < mr; ++r)
     for (int64_t j = 0; j < nr; ++j) {
       const int32_t a = tile[r * NR + j];
-      if (x.g.y) x.g.y[(m0 + r) * x.g.ldy + n0 + j] = x.one(m0 + r, n0 + j, a);
+      if (x.g.y) x.g.y[x.g.y_trans ? (n0 + j) * x.g.ldy + m0 + r : (m0 + r) * x.g.ldy + n0 + j] = x.one(m0 + r, n0 + j, a);
       else x.g.acc[(m0 + r) * x.g.N + n0 + j] = a;
     }
 }
@@ -245,6 +245,34 @@ void relayout16(const Gemm& g, int64_t n0, int64_t Kp, uint8_t* panel) {
     }
 }
 
+// y[(n0 + j) * ldy + m0 + r] = ft[r * NR + j]: 8 x 8 transposes when the block has 8 rows.
+void store_transposed(const Gemm& g, const float* ft, int64_t m0, int64_t mr, int64_t n0, int64_t nr) {
+  if (mr != 8) {
+    for (int64_t j = 0; j < nr; ++j)
+      for (int64_t r = 0; r < mr; ++r) g.y[(n0 + j) * g.ldy + m0 + r] = ft[r * NR + j];
+    return;
+  }
+  for (int64_t j0 = 0; j0 < nr; j0 += 8) {
+    __m256 v[8], t[8];
+    for (int r = 0; r < 8; ++r) v[r] = _mm256_load_ps(ft + r * NR + j0);
+    for (int r = 0; r < 8; r += 2) {
+      t[r] = _mm256_unpacklo_ps(v[r], v[r + 1]);
+      t[r + 1] = _mm256_unpackhi_ps(v[r], v[r + 1]);
+    }
+    for (int h = 0; h < 8; h += 4) {
+      v[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);
+      v[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);
+      v[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+      v[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {  // column c from v[c] (rows 0-3) and v[4 + c] (rows 4-7); c + 4 from the high lanes
+      const __m256 lo = _mm256_permute2f128_ps(v[c], v[4 + c], 0x20), hi = _mm256_permute2f128_ps(v[c], v[4 + c], 0x31);
+      if (j0 + c < nr) _mm256_storeu_ps(g.y + (n0 + j0 + c) * g.ldy + m0, lo);
+      if (j0 + c + 4 < nr) _mm256_storeu_ps(g.y + (n0 + j0 + c + 4) * g.ldy + m0, hi);
+    }
+  }
+}
+
 void finish(const Ctx& x, int64_t m0, int64_t mr, int64_t n0, int64_t nr, int32_t* tile) {
   const Gemm& g = x.g;
   if (g.w_bits == 8)
@@ -262,6 +290,7 @@ void finish(const Ctx& x, int64_t m0, int64_t mr, int64_t n0, int64_t nr, int32_
     return;
   }
   if (!x.narrow) return finish_scalar(x, m0, mr, n0, nr, tile);
+  alignas(64) float ft[MR * NR];  // y_trans: the rows of y, stored transposed below
   for (int64_t r = 0; r < mr; ++r) {
     const int64_t m = m0 + r;
     const __m512i ra = _mm512_set1_epi32(x.A.rowsum[size_t(m)]), za = _mm512_set1_epi32(g.za[x.pick(m)]);
@@ -274,9 +303,11 @@ void finish(const Ctx& x, int64_t m0, int64_t mr, int64_t n0, int64_t nr, int32_
       c = _mm512_add_epi32(c, _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(k, x.d32.data() + n), za));
       __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(c), _mm512_mul_ps(sa, _mm512_maskz_loadu_ps(k, g.sw + n)));
       if (g.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(k, g.bias + n));
-      _mm512_mask_storeu_ps(g.y + m * g.ldy + n, k, y);
+      if (g.y_trans) _mm512_store_ps(ft + r * NR + j, y);
+      else _mm512_mask_storeu_ps(g.y + m * g.ldy + n, k, y);
     }
   }
+  if (g.y_trans) store_transposed(g, ft, m0, mr, n0, nr);
 }
 
 void gemm(const Ctx& x) {
@@ -443,7 +474,7 @@ void finish(const Ctx& x, int64_t m0, int64_t mr, int64_t n0, int64_t nr, int32_
     for (int64_t r = 0; r < mr; ++r) std::memcpy(g.acc + (m0 + r) * g.N + n0, tile + r * NR, size_t(nr) * 4);
     return;
   }
-  if (!x.narrow) return finish_scalar(x, m0, mr, n0, nr, tile);
+  if (!x.narrow || g.y_trans) return finish_scalar(x, m0, mr, n0, nr, tile);
   for (int64_t r = 0; r < mr; ++r) {
     const int64_t m = m0 + r;
     const __m256i ra = _mm256_set1_epi32(x.A.rowsum[size_t(m)]), za = _mm256_set1_epi32(g.za[x.pick(m)]);
