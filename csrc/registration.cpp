@@ -266,6 +266,103 @@ at::Tensor circular_conv_sep(const at::Tensor& x, const at::Tensor& wh, const at
   return out;
 }
 
+// ---- low-bit integer ops (CPU only): contracts in zsqfast/ops/lowbit_gemm.py and lowbit_conv2d.py
+int64_t lowbit_rows(const at::Tensor& w_packed, int64_t w_bits, int64_t K) {
+  TORCH_CHECK(w_bits >= 2 && w_bits <= 8, "zsqfast: w_bits must be in 2..8, got ", w_bits);
+  TORCH_CHECK(K >= 1, "zsqfast: K must be positive");
+  TORCH_CHECK(w_packed.device().is_cpu() && w_packed.scalar_type() == at::kByte && w_packed.dim() == 2 &&
+                  w_packed.is_contiguous(),
+              "zsqfast: w_packed must be a contiguous 2-D uint8 CPU tensor");
+  const int64_t kp = (K + 127) / 128 * 128;
+  TORCH_CHECK(w_packed.size(1) == (w_bits <= 4 ? kp / 2 : kp), "zsqfast: w_packed has ", w_packed.size(1),
+              " bytes a row, the packed layout of K=", K, " at ", w_bits, " bits has ", (w_bits <= 4 ? kp / 2 : kp));
+  TORCH_CHECK(double(K) * 255.0 * double((1 << w_bits) - 1) < 2147483648.0, "zsqfast: K=", K,
+              " could overflow the int32 accumulator");
+  cpu::set_num_threads(at::get_num_threads());
+  return w_packed.size(0);
+}
+
+void check_vec(const at::Tensor& t, at::ScalarType dt, int64_t n, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dt && t.is_contiguous() && t.numel() == n, "zsqfast: ",
+              name, " must be a contiguous CPU ", dt, " tensor of ", n, " elements");
+}
+
+at::Tensor lowbit_gemm(const at::Tensor& a, const at::Tensor& w_packed, int64_t w_bits, int64_t K) {
+  const int64_t N = lowbit_rows(w_packed, w_bits, K);
+  TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kByte && a.dim() == 2 && a.size(1) == K &&
+                  a.is_contiguous(),
+              "zsqfast: a must be a contiguous uint8 CPU tensor (M, K=", K, ")");
+  at::Tensor acc = at::empty({a.size(0), N}, a.options().dtype(at::kInt));
+  cpu::lowbit_gemm(a.data_ptr<uint8_t>(), w_packed.data_ptr<uint8_t>(), int(w_bits), a.size(0), N, K,
+                   acc.data_ptr<int32_t>());
+  return acc;
+}
+
+// The per-channel tensors of a low-bit layer; returns whether the activation grid is per token (M values).
+bool check_lowbit_params(int64_t N, int64_t M, const at::Tensor& w_scale, const at::Tensor& w_zero,
+                         const at::Tensor& w_colsum, const at::Tensor& a_scale, const at::Tensor& a_inv_scale,
+                         const at::Tensor& a_zero, int64_t a_bits, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(a_bits >= 2 && a_bits <= 8, "zsqfast: a_bits must be in 2..8, got ", a_bits);
+  check_vec(w_scale, at::kFloat, N, "w_scale");
+  check_vec(w_zero, at::kInt, N, "w_zero");
+  check_vec(w_colsum, at::kInt, N, "w_colsum");
+  const int64_t na = a_scale.numel();
+  TORCH_CHECK(na == 1 || na == M, "zsqfast: a_scale must have 1 or ", M, " elements");
+  check_vec(a_scale, at::kFloat, na, "a_scale");
+  check_vec(a_inv_scale, at::kFloat, na, "a_inv_scale");
+  check_vec(a_zero, at::kInt, na, "a_zero");
+  if (bias.has_value()) check_vec(*bias, at::kFloat, N, "bias");
+  return na != 1;
+}
+
+at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& w_packed, int64_t w_bits, int64_t K,
+                         const at::Tensor& w_scale, const at::Tensor& w_zero, const at::Tensor& w_colsum,
+                         const at::Tensor& a_scale, const at::Tensor& a_inv_scale, const at::Tensor& a_zero,
+                         int64_t a_bits, const std::optional<at::Tensor>& bias) {
+  const int64_t N = lowbit_rows(w_packed, w_bits, K);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == K &&
+                  x.is_contiguous(),
+              "zsqfast: x must be a contiguous float32 CPU tensor (M, K=", K, ")");
+  const bool per_token = check_lowbit_params(N, x.size(0), w_scale, w_zero, w_colsum, a_scale, a_inv_scale, a_zero,
+                                             a_bits, bias);
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  cpu::lowbit_linear(x.data_ptr<float>(), w_packed.data_ptr<uint8_t>(), int(w_bits), x.size(0), N, K,
+                     w_scale.data_ptr<float>(), w_zero.data_ptr<int32_t>(), w_colsum.data_ptr<int32_t>(),
+                     a_scale.data_ptr<float>(), a_inv_scale.data_ptr<float>(), a_zero.data_ptr<int32_t>(), per_token,
+                     int(a_bits), bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+  return y;
+}
+
+at::Tensor lowbit_conv2d(const at::Tensor& x, const at::Tensor& w_packed, int64_t w_bits, int64_t K,
+                         const at::Tensor& w_scale, const at::Tensor& w_zero, const at::Tensor& w_colsum,
+                         const at::Tensor& a_scale, const at::Tensor& a_inv_scale, const at::Tensor& a_zero,
+                         int64_t a_bits, const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const int64_t OC = lowbit_rows(w_packed, w_bits, K);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 && x.is_contiguous(),
+              "zsqfast: x must be a contiguous float32 NCHW CPU tensor");
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "zsqfast: kernel_size, stride, padding and dilation must be pairs");
+  const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(groups >= 1 && C % groups == 0 && OC % groups == 0 && C / groups * kernel_size[0] * kernel_size[1] == K,
+              "zsqfast: groups / kernel_size do not match C=", C, ", OC=", OC, ", K=", K);
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
+                  padding[1] >= 0, "zsqfast: bad stride, dilation or padding");
+  check_lowbit_params(OC, 1, w_scale, w_zero, w_colsum, a_scale, a_inv_scale, a_zero, a_bits, bias);
+  const int64_t geom[8] = {kernel_size[0], kernel_size[1], stride[0], stride[1],
+                           padding[0],     padding[1],     dilation[0], dilation[1]};
+  const int64_t Ho = (H + 2 * geom[4] - geom[6] * (geom[0] - 1) - 1) / geom[2] + 1;
+  const int64_t Wo = (W + 2 * geom[5] - geom[7] * (geom[1] - 1) - 1) / geom[3] + 1;
+  TORCH_CHECK(Ho >= 1 && Wo >= 1, "zsqfast: the kernel does not fit the input");
+  at::Tensor y = at::empty({x.size(0), OC, Ho, Wo}, x.options());
+  cpu::lowbit_conv2d(x.data_ptr<float>(), x.size(0), C, H, W, w_packed.data_ptr<uint8_t>(), int(w_bits), OC,
+                     w_scale.data_ptr<float>(), w_zero.data_ptr<int32_t>(), w_colsum.data_ptr<int32_t>(),
+                     a_scale.data_ptr<float>()[0], a_inv_scale.data_ptr<float>()[0], a_zero.data_ptr<int32_t>()[0],
+                     int(a_bits), bias.has_value() ? bias->data_ptr<float>() : nullptr, geom, groups,
+                     y.data_ptr<float>());
+  return y;
+}
+
 std::string cpu_isa() { return cpu::isa_name(); }
 bool set_cpu_isa(c10::string_view name) { return cpu::force_isa(std::string(name).c_str()); }
 
@@ -282,11 +379,11 @@ TORCH_LIBRARY(zsqfast_ext, m) {
   m.def("bn_stats(Tensor x, int inner, int C) -> (Tensor, Tensor)");
   m.def("bn_stats_backward(Tensor? grad, Tensor x, Tensor a, Tensor b, int inner, int C) -> Tensor");
   m.def("lowbit_gemm(Tensor a, Tensor w_packed, int w_bits, int K) -> Tensor");
-  m.def("lowbit_linear(Tensor x, Tensor w_packed, int w_bits, int K, Tensor w_scale, Tensor w_zero, Tensor w_colsum, "
-        "Tensor a_scale, Tensor a_inv_scale, Tensor a_zero, int a_bits, Tensor? bias) -> Tensor");
-  m.def("lowbit_conv2d(Tensor x, Tensor w_packed, int w_bits, int K, Tensor w_scale, Tensor w_zero, Tensor w_colsum, "
-        "Tensor a_scale, Tensor a_inv_scale, Tensor a_zero, int a_bits, Tensor? bias, int[] kernel_size, int[] stride, "
-        "int[] padding, int[] dilation, int groups) -> Tensor");
+  m.def("lowbit_linear(Tensor x, Tensor w_packed, int w_bits, int K, Tensor w_scale, Tensor w_zero, "
+        "Tensor w_colsum, Tensor a_scale, Tensor a_inv_scale, Tensor a_zero, int a_bits, Tensor? bias) -> Tensor");
+  m.def("lowbit_conv2d(Tensor x, Tensor w_packed, int w_bits, int K, Tensor w_scale, Tensor w_zero, "
+        "Tensor w_colsum, Tensor a_scale, Tensor a_inv_scale, Tensor a_zero, int a_bits, Tensor? bias, "
+        "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   m.def("circular_conv_sep(Tensor x, Tensor wh, Tensor ww) -> Tensor");
   m.def("cpu_isa() -> str", &zsqfast::cpu_isa);
   m.def("set_cpu_isa(str name) -> bool", &zsqfast::set_cpu_isa);
@@ -300,6 +397,9 @@ TORCH_LIBRARY_IMPL(zsqfast_ext, CPU, m) {
   m.impl("bn_stats", &zsqfast::bn_stats);
   m.impl("bn_stats_backward", &zsqfast::bn_stats_backward);
   m.impl("circular_conv_sep", &zsqfast::circular_conv_sep);
+  m.impl("lowbit_gemm", &zsqfast::lowbit_gemm);
+  m.impl("lowbit_linear", &zsqfast::lowbit_linear);
+  m.impl("lowbit_conv2d", &zsqfast::lowbit_conv2d);
 }
 
 #ifdef ZSQFAST_WITH_CUDA

@@ -57,3 +57,8 @@ def _cuda_lowbit_conv2d(*args):
 
 
 register_impl("lowbit_conv2d", "cuda", _cuda_lowbit_conv2d)
+
+#: integer inference contracts (issue 3) with a C++ CPU kernel (csrc/cpu/lowbit_*.cpp)
+CPP_LOWBIT_CONTRACTS = ("lowbit_gemm", "lowbit_linear", "lowbit_conv2d")
+for _name in CPP_LOWBIT_CONTRACTS:
+    register_impl(_name, "cpp", _native(_name))

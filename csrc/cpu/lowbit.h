@@ -1,0 +1,62 @@
+// The CPU low-bit integer GEMM engine shared by lowbit_gemm.cpp (GEMM, linear) and lowbit_conv2d.cpp.
+// Math: zsqfast/ops/lowbit_gemm.py. Everything here is exact integer arithmetic up to the fp32 epilogue,
+// which follows the reference's order: y = fp32(c) * fp32(sa * sw) + bias.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+namespace zsqfast::cpu::lowbit {
+
+constexpr int64_t kBlockK = 128;  // the K granule of the packed layout (zsqfast/ops/lowbit_pack.py)
+inline int64_t padded_k(int64_t K) { return (K + kBlockK - 1) / kBlockK * kBlockK; }
+
+// Activation codes in the engine's form: rows of `lda` (a multiple of 128, >= K) bytes, columns >= K zero,
+// `rows` >= M allocated rows (the tail rows are zero: the register-blocked kernel reads whole row blocks).
+// K-major form (kmajor, from the convolution's im2col): codes[k * ldk + m], k < lda, ldk = M rounded up to 8.
+struct Acts {
+  std::vector<uint8_t> codes;
+  std::vector<int32_t> rowsum;  // ra[m] = sum_k codes[m, k]
+  int64_t M = 0, lda = 0, ldk = 0;
+  bool kmajor = false;
+  void resize(int64_t M_, int64_t K);          // row-major, zero-filled
+  void resize_kmajor(int64_t M_, int64_t K);   // K-major, zero-filled
+  uint8_t* row(int64_t m) { return codes.data() + m * lda; }
+};
+
+// Fused epilogue (y != nullptr): y[m * ldy + n] = fp32(c) * fp32(sa[m] * sw[n]) (+ bias[n]) with
+// c = acc - zw[n] ra[m] + za[m] d[n], d[n] = K zw[n] - cw[n]  (= sum_k (ua - za)(uw - zw), exact).
+// sa / za have one element per tensor (per_token false) or M. Raw mode (y == nullptr): acc[m * N + n].
+struct Gemm {
+  const uint8_t* w;  // packed weight codes (N rows)
+  int w_bits, a_bits;
+  int64_t N, K;
+  int32_t* acc = nullptr;
+  float* y = nullptr;
+  int64_t ldy = 0;
+  bool y_trans = false;  // y[n * ldy + m] instead (the convolution's NCHW output)
+  const float* sw = nullptr;
+  const int32_t* zw = nullptr;
+  const int32_t* cw = nullptr;
+  const float* bias = nullptr;
+  const float* sa = nullptr;
+  const int32_t* za = nullptr;
+  bool per_token = false;
+};
+
+// Threads for a parallel loop over `items` work items: at most the CPU kernels' count, and 1 inside an
+// enclosing parallel region (the convolution runs images in parallel, each image's GEMM serially).
+int threads_for(int64_t items);
+
+// y or acc for rows [0, acts.M) of `acts` (threads over output columns; exact on every ISA level).
+void run(const Gemm& g, const Acts& acts);
+
+// codes of rows [0, M) of x (row stride ldx floats, K values) into acts (resized here), with row sums:
+// clamp(rne(x * inv[m]) + za[m], 0, 2^bits - 1) in fp32 (inv / za: 1 element or M).
+void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const float* inv, const int32_t* za,
+                   bool per_token, int bits, Acts& acts);
+
+// Does |sum_k (ua - za)(uw - zw)| < 2^31 hold for every row and column? (Then the epilogue may use
+// wrapping int32 arithmetic: the exact result fits, so the wrapped one equals it.)
+bool narrow_epilogue(const Gemm& g, int64_t n_za);
+
+}  // namespace zsqfast::cpu::lowbit
