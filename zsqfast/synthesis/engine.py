@@ -318,5 +318,5 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
             x, y = store.load_batch(index, b)
             results[b] = (x, y, entries[str(b)]["final_loss"])
     order = sorted(results)
-    meta = dict(meta, final_losses=[results[b][2] for b in order], batches=order)
+    meta = dict(meta, final_losses=[results[b][2] for b in order], batches=order, computed=todo)
     return SyntheticDataset(torch.cat([results[b][0] for b in order]), torch.cat([results[b][1] for b in order]), meta)
