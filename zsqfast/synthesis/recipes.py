@@ -16,8 +16,8 @@ tv_l2, l2          DeepInversion priors: ``tv_l2 * TV_L2(x) + l2 * mean_i ||x_i|
 tv_band, tv_weight PSAQ-ViT prior ``tv_weight * |TV_L2(x) - U(tv_band)|`` (0.05, U(2500, 3000))
 entropy            PSAQ-ViT: weight of ``-sum_l mean_b H_l`` (patch-similarity entropy), 0 = off
 kde_bandwidth/...  PSAQ-ViT's KDE bandwidth (0.01) and grid points (10)
-aug_p, crop_scale  with probability ``aug_p`` per iteration, per-image random resized crop (area fraction
-                   U(crop_scale), log-uniform aspect ratio in [3/4, 4/3], bilinear) + horizontal flip
+aug_p, crop_scale  with probability ``aug_p`` per iteration, per-image random resized crop (torchvision's
+                   sampling: area fraction U(crop_scale), aspect ratio in [3/4, 4/3]; bilinear) + flip
                    p 0.5; None = 0.5 / (0.4, 1) for ImageNet-size inputs and off for CIFAR, as HAST/SynQ
 jitter, flip       DeepInversion: random roll by up to ``jitter`` px and a whole-batch flip p 0.5
 lbns_*             calibration centers + layered BNS (``calibration_centers=True``): see centers.py
@@ -69,14 +69,19 @@ def resolve(method: str, overrides: dict, shape, model) -> dict:
     return hp
 
 
-def random_resized_crop_flip(x: torch.Tensor, g: torch.Generator, scale=(0.4, 1.0)) -> torch.Tensor:
-    """Per image: a random crop (area fraction U(scale), aspect ratio log-uniform in [3/4, 4/3], clipped to
-    the image) resized back to H x W (bilinear, one batched grid_sample) and a horizontal flip (p 0.5)."""
+def random_resized_crop_flip(x: torch.Tensor, g: torch.Generator, scale=(0.4, 1.0), attempts: int = 10) -> torch.Tensor:
+    """Per image, torchvision's RandomResizedCrop sampling (area fraction U(scale), aspect ratio log-uniform in
+    [3/4, 4/3]; the first of ``attempts`` draws that fits, else the whole image), the crop resized back to
+    H x W (bilinear, one batched grid_sample over the batch), then a horizontal flip with p 0.5."""
     n = x.shape[0]
-    area = torch.empty(n).uniform_(scale[0], scale[1], generator=g)
-    log_r = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g)
-    w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)         # crop width / W
-    h = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0)
+    area = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=g)
+    ratio = torch.exp(torch.empty(n, attempts).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)        # crop sides as fractions of W and H
+    fits = (w <= 1) & (h <= 1)
+    first = fits.float().argmax(1, keepdim=True)
+    found = fits.any(1)
+    w = torch.where(found, w.gather(1, first).squeeze(1), 1.0)
+    h = torch.where(found, h.gather(1, first).squeeze(1), 1.0)
     cx = (torch.rand(n, generator=g) * 2 - 1) * (1 - w)            # centre in [-1, 1] units, inside the image
     cy = (torch.rand(n, generator=g) * 2 - 1) * (1 - h)
     sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)  # -1 = flipped
