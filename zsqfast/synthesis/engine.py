@@ -19,8 +19,9 @@ constant learning rate. Every hyperparameter is listed in recipes.py and can be 
 Speed (same results as the official loop's arithmetic, less work): the fused BN-statistics op (one read per
 BN input, affine backward), the model's parameters frozen (the official loop also computes every weight
 gradient and never uses them), hooks registered once, no per-layer host copies, channels-last activations
-(``channels_last=True``), batched augmentation, and an opt-in bf16 autocast mode (``precision="bf16"``;
-images, Adam and every loss stay fp32).
+(``channels_last=True``), batched augmentation, one host synchronisation per iteration (the loss value the
+plateau scheduler needs; the official loop has 2 + 4 per BN layer), and an opt-in bf16 autocast mode
+(``precision="bf16"``; images, Adam and every loss stay fp32).
 
 Every batch b is seeded from (seed, b) alone, so batches are independent: a run interrupted at any point and
 resumed (same ``out``) produces exactly the images of an uninterrupted run, and under ``torchrun`` each rank
@@ -161,33 +162,63 @@ class _Objective:
                 h.remove()
 
 
+class _Batch:
+    """One batch's optimisation state: images x (optimised), labels y, Adam and the plateau scheduler."""
+
+    def __init__(self, obj: _Objective, shape, num_classes: int, b: int, batch: int, seed: int, channels_last: bool,
+                 device):
+        hp = self.hp = obj.hp
+        self.obj, self.b = obj, b
+        self.g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        x = torch.randn((batch,) + tuple(shape), generator=self.g).to(device)
+        self.y = torch.randint(0, num_classes, (batch,), generator=self.g).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.x = x.requires_grad_(True)
+        self.opt = torch.optim.Adam([self.x], lr=hp["lr"], betas=hp["betas"])
+        self.sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, patience=hp["patience"], min_lr=hp["min_lr"])
+                      if hp["scheduler"] == "plateau" else None)
+
+    def step(self, it: int = 0) -> float:
+        """One iteration: augment, forward, loss, input-gradient backward, Adam step, scheduler step."""
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.obj.loss(self.x, recipes.augment(self.x, self.hp, self.g), self.y, self.g)
+        loss.backward()
+        self.opt.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"synthesis loss became {value} at batch {self.b}, iteration {it}; lower lr")
+        if self.sched is not None:
+            self.sched.step(value)
+        return value
+
+
 def _synthesize_batch(obj: _Objective, shape, num_classes: int, b: int, batch: int, seed: int, iterations: int,
                       channels_last: bool, device, bar) -> tuple[torch.Tensor, torch.Tensor, float]:
-    hp = obj.hp
-    g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-    x = torch.randn((batch,) + shape, generator=g).to(device)
-    y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=hp["lr"], betas=hp["betas"])
-    sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=hp["patience"], min_lr=hp["min_lr"])
-             if hp["scheduler"] == "plateau" else None)
+    state = _Batch(obj, shape, num_classes, b, batch, seed, channels_last, device)
     loss_value = float("nan")
     for it in range(iterations):
-        opt.zero_grad(set_to_none=True)
-        loss = obj.loss(x, recipes.augment(x, hp, g), y, g)
-        loss.backward()
-        opt.step()
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"synthesis loss became {loss_value} at batch {b}, iteration {it}; lower lr")
-        if sched is not None:
-            sched.step(loss_value)
+        loss_value = state.step(it)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(batch=b, loss=f"{loss_value:.4g}", refresh=False)
-    return x.detach().contiguous(), y.cpu(), loss_value
+    return state.x.detach().contiguous(), state.y.cpu(), loss_value
+
+
+@contextlib.contextmanager
+def iteration_runner(model: nn.Module, batch: int, *, method: str = "hast", input_shape=None, num_classes: int = 10,
+                     precision: str = "fp32", channels_last: bool = True, seed: int = 0, **overrides):
+    """``with iteration_runner(model, 256) as step: step()`` runs single synthesis iterations of batch 0 exactly
+    as :func:`synthesize` does (for benchmarks); the model is restored on exit."""
+    shape = _input_shape(model, input_shape)
+    hp = recipes.resolve(method, overrides, shape, model)
+    with _synthesis_mode(model, channels_last):
+        obj = _Objective(model, hp, precision, next(model.parameters()).device.type)
+        try:
+            yield _Batch(obj, shape, num_classes, 0, batch, seed, channels_last,
+                         next(model.parameters()).device).step
+        finally:
+            obj.close()
 
 
 @contextlib.contextmanager
