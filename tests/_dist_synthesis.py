@@ -24,6 +24,12 @@ def main(out: str) -> None:
         ref = zsqfast.synthesize(model, 14, distributed=False, **kw)
         assert torch.equal(ds.images, ref.images) and torch.equal(ds.labels, ref.labels), name
         assert ds.meta["final_losses"] == ref.meta["final_losses"], name
+    try:  # a rank asking for another run in the same directory fails on every rank instead of hanging
+        zsqfast.synthesize(model, 14, out=os.path.join(out, "plain"), batch_size=4, iterations=5, seed=7 + rank,
+                           progress=False, input_shape=(3, 8, 8))
+        raise AssertionError("a mismatching run was accepted")
+    except ValueError as e:
+        assert "rank 1" in str(e) and "seed" in str(e), e
     dist.barrier()
     if rank == 0:
         print("DISTRIBUTED-OK", flush=True)

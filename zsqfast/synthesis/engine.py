@@ -111,16 +111,29 @@ def _progress(total: int, enabled: bool):
 
 
 def _dist_context(distributed):
-    """``(rank, world_size, barrier)``: torch.distributed's when it is initialised (or asked for), else one process."""
+    """``(rank, world_size, barrier, agree)``: torch.distributed's when it is initialised (or asked for), else
+    one process. ``agree(error_or_None)`` raises the same ValueError on every rank when any rank has one (so
+    that no rank waits forever at a barrier another rank will never reach)."""
     import torch.distributed as dist
 
     use = dist.is_available() and dist.is_initialized() if distributed is None else bool(distributed)
     if use and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("distributed=True needs torch.distributed initialised (e.g. run under torchrun and call "
                            "torch.distributed.init_process_group first)")
+
+    def agree_local(err):
+        if err:
+            raise ValueError(err)
+
     if not use or dist.get_world_size() == 1:
-        return 0, 1, lambda: None
-    return dist.get_rank(), dist.get_world_size(), dist.barrier
+        return 0, 1, lambda: None, agree_local
+
+    def agree(err):
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, err)
+        agree_local(next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None))
+
+    return dist.get_rank(), dist.get_world_size(), dist.barrier, agree
 
 
 class _Objective:
@@ -281,7 +294,7 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if calibration_centers and not hp["bns_form"]:
         raise ValueError(f"calibration_centers needs a BN-statistics method, not {method!r}")
-    rank, world, barrier = _dist_context(distributed)
+    rank, world, barrier, agree = _dist_context(distributed)
     if world > 1 and out is None:
         raise ValueError("a multi-process synthesis needs out= (a directory every rank can write)")
     device = next(model.parameters()).device
@@ -301,11 +314,14 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
             store = ShardStore(out) if out is not None else None
             index = None
             if store is not None:  # rank 0 creates (or checks) the index first, then the others check it
-                if rank == 0:
-                    index = store.open(meta)
-                barrier()
-                if rank != 0:
-                    index = store.open(meta)
+                for turn in (rank == 0, rank != 0):
+                    err = None
+                    if turn:
+                        try:
+                            index = store.open(meta)
+                        except ValueError as e:
+                            err = str(e)
+                    agree(err)
             done = store.done(index) if store else set()
             todo = [b for b in range(n_batches) if b not in done and b % world == rank][:max_batches]
             need_centers = calibration_centers and (todo or store is None)
@@ -314,7 +330,7 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
             bar = _progress(len(todo) * iterations + (n_center_its if need_centers and centers is None else 0),
                             progress and rank == 0)
             if calibration_centers and world > 1:  # rank 0 makes the centers once, the others load them
-                if rank == 0 and centers is None:
+                if rank == 0 and store.load_tensor("centers.pt") is None:
                     store.save_tensor("centers.pt", make_centers(obj.bns, shape, num_classes, hp, seed, batch_size,
                                                                  obj.forward, bar))
                 barrier()
