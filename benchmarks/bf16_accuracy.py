@@ -29,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--iterations", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--bits", type=int, default=4)
@@ -51,11 +52,13 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             data = zsqfast.synthesize(fp, args.images, iterations=args.iterations, seed=seed, precision=precision,
+                                      batch_size=args.batch_size,
                                       out=os.path.join(run, "synth"), progress=False)
             t_path = os.path.join(run, "synth_seconds.txt")  # summed over interrupted and resumed calls
             t_synth = time.perf_counter() - t0 + (float(open(t_path).read()) if os.path.exists(t_path) else 0.0)
             with open(t_path, "w") as f:
                 f.write(str(t_synth))
+            fp.requires_grad_(True)  # finetune() froze the teacher's parameters; the student copy must train
             q = zsqfast.quantize_model(fp, args.bits, args.bits)
             rtn_model = zsqfast.calibrate(copy.deepcopy(q), data.images[:1024].split(256), freeze=True)
             rtn = evaluate(rtn_model, test_x, test_y)
@@ -68,7 +71,8 @@ def main() -> None:
                 json.dump(row, f)
             rows.append(row)
             print(row, flush=True)
-    print(f"CIFAR ResNet-20 W{args.bits}A{args.bits}, {args.images} images x {args.iterations} iterations, "
+    print(f"CIFAR ResNet-20 W{args.bits}A{args.bits}, {args.images} images x {args.iterations} iterations "
+          f"(batch {args.batch_size}), "
           f"KD {args.epochs} epochs; accuracy on {len(test_y)} real test images (FP32 {evaluate(fp, test_x, test_y):.2f} %)")
     print(f"{'precision':9s} {'seed':>4s} {'synth s':>8s} {'final loss':>10s} {'RTN %':>6s} {'KD %':>6s}")
     for r in rows:
