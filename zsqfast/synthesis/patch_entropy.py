@@ -91,7 +91,8 @@ class PatchEntropy:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._feats = []
         logits = self.model(x)
-        out = self.entropies(x.shape[0])
+        with torch.autocast(x.device.type, enabled=False):  # similarities and KDE in fp32 even under autocast
+            out = self.entropies(x.shape[0])
         self._feats = []
         return logits, out
 
