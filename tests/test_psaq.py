@@ -99,3 +99,19 @@ def test_filter_images_vit_keeps_low_energy_high_entropy():
     assert r.keep.tolist() == sorted(low_e & high_h)
     with pytest.raises(ValueError, match="no BatchNorm2d layer and no timm attention"):
         zsqfast.filter_images(nn.Sequential(nn.Flatten(), nn.Linear(768, 2)), x)
+
+
+def test_swin_window_attention_and_learning_rate():
+    import timm
+
+    torch.manual_seed(0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=28, window_size=7,
+                             depths=(1, 1), num_heads=(1, 2), embed_dim=8, num_classes=3).eval()
+    x = torch.randn(2, 3, 28, 28)
+    with PatchEntropy(swin) as pe, torch.no_grad():
+        _, ent = pe(x)
+        _, ent1 = pe(x[1:])
+    assert ent.shape == (2, 2) and torch.isfinite(ent).all()
+    assert torch.allclose(ent[:, 1], ent1[:, 0], atol=1e-5)  # an image's windows are its own (no mixing)
+    ds = zsqfast.synthesize(swin, 2, method="psaq-vit", iterations=2, progress=False, input_shape=(3, 28, 28))
+    assert ds.meta["hyperparameters"]["lr"] == 0.25  # PSAQ-ViT's Swin setting
