@@ -73,7 +73,8 @@ def main() -> None:
             print(row, flush=True)
     print(f"CIFAR ResNet-20 W{args.bits}A{args.bits}, {args.images} images x {args.iterations} iterations "
           f"(batch {args.batch_size}), "
-          f"KD {args.epochs} epochs; accuracy on {len(test_y)} real test images (FP32 {evaluate(fp, test_x, test_y):.2f} %)")
+          f"KD {args.epochs} epochs; accuracy on {len(test_y)} real test images "
+          f"(FP32 {evaluate(fp, test_x, test_y):.2f} %)")
     print(f"{'precision':9s} {'seed':>4s} {'synth s':>8s} {'final loss':>10s} {'RTN %':>6s} {'KD %':>6s}")
     for r in rows:
         print(f"{r['precision']:9s} {r['seed']:4d} {r['synth_s']:8.1f} {r['final_loss']:10.4f} {r['rtn_acc']:6.2f} "
