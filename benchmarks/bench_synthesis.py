@@ -85,6 +85,19 @@ def layer_rows(quick: bool) -> list[dict]:
     return rows
 
 
+def round_robin(steps: dict, rounds: int, warmup: int = 2) -> dict:
+    """Median seconds per call of every step, timed one call of each per round (a drifting machine load then
+    biases no variant); the first ``warmup`` rounds are not timed."""
+    times = {k: [] for k in steps}
+    for r in range(rounds + warmup):
+        for k, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def model_rows(quick: bool) -> list[dict]:
     configs = [("cifar_resnet20", 256, 32), ("cifar_resnet32", 256, 32), ("resnet18", 32, 224)]
     if quick:
@@ -100,15 +113,19 @@ def model_rows(quick: bool) -> list[dict]:
             x.grad = None
             F.cross_entropy(model(x), y).backward()
 
-        t_plain = bench(plain, reps=5, min_time=1.0)
-        times = {}
-        for label, fused in (("+ BNS hook reference", False), ("+ BNS zsqfast fused", True)):
-            with zsqfast.BNSLoss(model, "hast", fused=fused) as bns:
-                def step():
-                    x.grad = None
-                    logits, loss = bns(x)
-                    (loss + F.cross_entropy(logits, y)).backward()
-                times[label] = bench(step, reps=5, min_time=1.0)
+        def with_bns(bns):
+            def step():
+                x.grad = None
+                logits, loss = bns(x)
+                (loss + F.cross_entropy(logits, y)).backward()
+            return step
+
+        with zsqfast.BNSLoss(copy.deepcopy(model), "hast", fused=False) as ref, \
+                zsqfast.BNSLoss(copy.deepcopy(model), "hast", fused=True) as fused:
+            med = round_robin({"plain": plain, "+ BNS hook reference": with_bns(ref),
+                               "+ BNS zsqfast fused": with_bns(fused)}, rounds=7)
+        t_plain = med.pop("plain")
+        times = med
         rows.append(dict(part="b", case=f"{name} batch {batch} {size}x{size}", impl="plain fwd+bwd",
                          ms=round(t_plain * 1e3, 1), added_ms=0.0, speedup=""))
         ref_added = times["+ BNS hook reference"] - t_plain
@@ -143,14 +160,7 @@ def iteration_rows(quick: bool) -> list[dict]:
                 steps[label] = stack.enter_context(iteration_runner(copy.deepcopy(model), batch,
                                                                     input_shape=(3, size, size),
                                                                     num_classes=classes, **kw))
-            times = {k: [] for k in steps}
-            for r in range(rounds + 2):  # the first two rounds warm up
-                for k, step in steps.items():
-                    t0 = time.perf_counter()
-                    step()
-                    if r >= 2:
-                        times[k].append(time.perf_counter() - t0)
-        med = {k: statistics.median(v) for k, v in times.items()}
+            med = round_robin(steps, rounds)
         base = med["official loop (host copies)"]
         for k, t in med.items():
             rows.append(dict(part="c", case=case, impl=k, ms=round(t * 1e3, 1), added_ms=float("nan"),
