@@ -151,3 +151,28 @@ def test_imagenet_size_recipe_augments_and_is_deterministic():
     for f in whole:
         assert torch.allclose(f, ramp[0], atol=1e-4) or torch.allclose(f, ramp[0].flip(-1), atol=1e-4) or \
             torch.allclose(f[1], ramp[0, 1], atol=1e-4) and torch.allclose(f[0], ramp[0, 0].flip(-1), atol=1e-4)
+
+
+def test_deepinversion_cosine_schedule_and_constant_option():
+    import math
+
+    from zsqfast.synthesis import recipes
+    from zsqfast.synthesis.engine import _Batch, _Objective
+
+    model = tiny_bn_model()
+    hp = recipes.resolve("deepinversion", {"warmup": 3}, (3, 8, 8), model)
+    obj = _Objective(model, hp, "fp32", "cpu")
+    try:
+        state = _Batch(obj, (3, 8, 8), 4, 0, 2, 0, False, "cpu", iterations=10)
+        lrs = []
+        for it in range(10):
+            lrs.append(state.opt.param_groups[0]["lr"])
+            state.step(it)
+    finally:
+        obj.close()
+    want = [0.2 * (e + 1) / 3 if e < 3 else 0.2 * 0.5 * (1 + math.cos(math.pi * (e - 3) / 7)) for e in range(10)]
+    assert lrs == pytest.approx(want)
+    ds = zsqfast.synthesize(model, 2, batch_size=2, iterations=2, scheduler=None, progress=False, input_shape=(3, 8, 8))
+    assert ds.meta["hyperparameters"]["scheduler"] is None
+    with pytest.raises(ValueError, match="scheduler"):
+        zsqfast.synthesize(model, 2, iterations=1, scheduler="step", progress=False, input_shape=(3, 8, 8))

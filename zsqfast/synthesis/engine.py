@@ -10,7 +10,8 @@ CIFAR none; no priors. ``calibration_centers=True`` adds SynQ's calibration cent
 (centers.py).
 
 Method ``"deepinversion"``: BNS in DeepInversion's form (unsquared norms, first layer x10) + CE + the priors
-``1e-4 TV_L2 + 1e-5 ||x||_2``, Adam lr 0.2 betas (0.5, 0.9), jitter 2 px and flip.
+``1e-4 TV_L2 + 1e-5 ||x||_2``, Adam lr 0.2 betas (0.5, 0.9) with DeepInversion's cosine schedule (100
+warm-up iterations), jitter 2 px and flip.
 
 Method ``"psaq-vit"`` (vision transformers, no BatchNorm): ``-sum_l mean_b H_l + CE + 0.05 |TV_L2 - U(2500,
 3000)|`` with H_l the patch-similarity entropy (patch_entropy.py), Adam lr 0.2 (0.25 for Swin), batch 32,
@@ -179,7 +180,7 @@ class _Batch:
     """One batch's optimisation state: images x (optimised), labels y, Adam and the plateau scheduler."""
 
     def __init__(self, obj: _Objective, shape, num_classes: int, b: int, batch: int, seed: int, channels_last: bool,
-                 device):
+                 device, iterations: int = 1000):
         hp = self.hp = obj.hp
         self.obj, self.b = obj, b
         self.g = torch.Generator().manual_seed(seed * 1_000_003 + b)
@@ -189,8 +190,14 @@ class _Batch:
             x = x.contiguous(memory_format=torch.channels_last)
         self.x = x.requires_grad_(True)
         self.opt = torch.optim.Adam([self.x], lr=hp["lr"], betas=hp["betas"])
-        self.sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, patience=hp["patience"], min_lr=hp["min_lr"])
-                      if hp["scheduler"] == "plateau" else None)
+        self.sched = None
+        if hp["scheduler"] == "plateau":
+            self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, patience=hp["patience"],
+                                                                    min_lr=hp["min_lr"])
+        elif hp["scheduler"] == "cosine":  # DeepInversion's lr_cosine_policy: linear warm-up, then cosine to 0
+            w, span = hp["warmup"], max(1, iterations - hp["warmup"])
+            self.sched = torch.optim.lr_scheduler.LambdaLR(
+                self.opt, lambda e: (e + 1) / w if e < w else 0.5 * (1 + math.cos(math.pi * (e - w) / span)))
 
     def step(self, it: int = 0) -> float:
         """One iteration: augment, forward, loss, input-gradient backward, Adam step, scheduler step."""
@@ -201,14 +208,16 @@ class _Batch:
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"synthesis loss became {value} at batch {self.b}, iteration {it}; lower lr")
-        if self.sched is not None:
+        if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.sched.step(value)
+        elif self.sched is not None:
+            self.sched.step()
         return value
 
 
 def _synthesize_batch(obj: _Objective, shape, num_classes: int, b: int, batch: int, seed: int, iterations: int,
                       channels_last: bool, device, bar) -> tuple[torch.Tensor, torch.Tensor, float]:
-    state = _Batch(obj, shape, num_classes, b, batch, seed, channels_last, device)
+    state = _Batch(obj, shape, num_classes, b, batch, seed, channels_last, device, iterations)
     loss_value = float("nan")
     for it in range(iterations):
         loss_value = state.step(it)

@@ -7,7 +7,8 @@ overridden by keyword; ``None`` entries are resolved from the input size by :fun
 bns_form           BNSLoss form ("hast", "deepinversion"), None = no BN-statistics loss (psaq-vit)
 lr, betas          Adam's learning rate and betas
 scheduler          "plateau": ReduceLROnPlateau(patience ``patience``, min_lr ``min_lr``) stepped on the
-                   loss every iteration (HAST / SynQ); None: constant learning rate
+                   loss every iteration (HAST / SynQ); "cosine": DeepInversion's lr_cosine_policy (linear
+                   warm-up over ``warmup`` iterations, then cosine decay to 0); None: constant
 hard_beta/gamma    HAST hard-sample inception loss ``beta * mean((1 - p_y)^gamma * CE_i)``; None =
                    (10, 2) for inputs <= 64 px (CIFAR), (0.1, 0.5) for larger ones (ImageNet), as HAST
 ce                 plain cross-entropy weight (DeepInversion, PSAQ-ViT)
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 _COMMON = dict(bns_form="hast", lr=0.5, betas=(0.9, 0.999), scheduler="plateau", patience=50, min_lr=1e-4,
+               warmup=100,
                hard_beta=None, hard_gamma=None, ce=0.0, tv_l2=0.0, l2=0.0, tv_band=(2500.0, 3000.0),
                tv_weight=0.0, entropy=0.0, kde_bandwidth=0.01, kde_points=10, aug_p=None, crop_scale=(0.4, 1.0),
                jitter=0, flip=False,
@@ -40,7 +42,7 @@ _COMMON = dict(bns_form="hast", lr=0.5, betas=(0.9, 0.999), scheduler="plateau",
 
 METHODS = {
     "hast": dict(_COMMON),
-    "deepinversion": dict(_COMMON, bns_form="deepinversion", lr=0.2, betas=(0.5, 0.9), scheduler=None,
+    "deepinversion": dict(_COMMON, bns_form="deepinversion", lr=0.2, betas=(0.5, 0.9), scheduler="cosine",
                           hard_beta=0.0, hard_gamma=0.0, ce=1.0, tv_l2=1e-4, l2=1e-5, aug_p=0.0, jitter=2,
                           flip=True),
     "psaq-vit": dict(_COMMON, bns_form=None, lr=None, scheduler=None, hard_beta=0.0, hard_gamma=0.0, ce=1.0,
@@ -56,7 +58,9 @@ def resolve(method: str, overrides: dict, shape, model) -> dict:
     unknown = set(overrides) - set(METHODS[method])
     if unknown:
         raise ValueError(f"unknown synthesis options {sorted(unknown)}; known: {sorted(METHODS[method])}")
-    hp = dict(METHODS[method], **{k: v for k, v in overrides.items() if v is not None})
+    hp = dict(METHODS[method], **overrides)  # None for hard_beta / hard_gamma / aug_p / lr: the automatic value
+    if hp["scheduler"] not in ("plateau", "cosine", None):
+        raise ValueError(f"scheduler must be 'plateau', 'cosine' or None, got {hp['scheduler']!r}")
     small = max(shape[1:]) <= 64  # CIFAR-size vs ImageNet-size official settings
     if hp["hard_beta"] is None:
         hp["hard_beta"] = 10.0 if small else 0.1
