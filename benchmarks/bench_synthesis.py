@@ -5,13 +5,23 @@
     (``x.mean`` / ``x.var`` over (0, 2, 3)) vs the DeepInversion-style hook (variance of a permuted copy);
 (b) whole model, forward+backward w.r.t. the input images at synthesis batch sizes: plain (cross-entropy
     only) vs + BNSLoss(fused) vs + BNSLoss(hook reference); the overhead each adds to the plain step.
+(c) one whole synthesis iteration (method "hast": augmentation where the recipe has it, forward, BNS +
+    hard-sample loss, backward, Adam, plateau scheduler): a faithful re-implementation of the official
+    HAST/SynQ loop (official_synthesis.py: hooks, per-image stack copies, d_acc host copy, weight gradients,
+    per-layer host copies of the BN statistics, with and without those copies) vs zsqfast's engine in fp32
+    (channels-last, and NCHW) and in its opt-in bf16 autocast mode; images per hour for the full recipe
+    (1,000 iterations per batch).
 
 Run: python benchmarks/bench_synthesis.py [--threads 2] [--quick]
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +31,8 @@ import zsqfast  # noqa: E402
 from _timing import bench, cli  # noqa: E402
 from zsqfast.models import build  # noqa: E402
 from zsqfast.ops.bn_stats import batch_stats  # noqa: E402
+from zsqfast.synthesis.engine import iteration_runner  # noqa: E402
+from official_synthesis import OfficialLoop  # noqa: E402
 
 
 def hast_term(mean, var, rm, rv):
@@ -73,6 +85,19 @@ def layer_rows(quick: bool) -> list[dict]:
     return rows
 
 
+def round_robin(steps: dict, rounds: int, warmup: int = 2) -> dict:
+    """Median seconds per call of every step, timed one call of each per round (a drifting machine load then
+    biases no variant); the first ``warmup`` rounds are not timed."""
+    times = {k: [] for k in steps}
+    for r in range(rounds + warmup):
+        for k, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def model_rows(quick: bool) -> list[dict]:
     configs = [("cifar_resnet20", 256, 32), ("cifar_resnet32", 256, 32), ("resnet18", 32, 224)]
     if quick:
@@ -88,15 +113,19 @@ def model_rows(quick: bool) -> list[dict]:
             x.grad = None
             F.cross_entropy(model(x), y).backward()
 
-        t_plain = bench(plain, reps=5, min_time=1.0)
-        times = {}
-        for label, fused in (("+ BNS hook reference", False), ("+ BNS zsqfast fused", True)):
-            with zsqfast.BNSLoss(model, "hast", fused=fused) as bns:
-                def step():
-                    x.grad = None
-                    logits, loss = bns(x)
-                    (loss + F.cross_entropy(logits, y)).backward()
-                times[label] = bench(step, reps=5, min_time=1.0)
+        def with_bns(bns):
+            def step():
+                x.grad = None
+                logits, loss = bns(x)
+                (loss + F.cross_entropy(logits, y)).backward()
+            return step
+
+        with zsqfast.BNSLoss(copy.deepcopy(model), "hast", fused=False) as ref, \
+                zsqfast.BNSLoss(copy.deepcopy(model), "hast", fused=True) as fused:
+            med = round_robin({"plain": plain, "+ BNS hook reference": with_bns(ref),
+                               "+ BNS zsqfast fused": with_bns(fused)}, rounds=7)
+        t_plain = med.pop("plain")
+        times = med
         rows.append(dict(part="b", case=f"{name} batch {batch} {size}x{size}", impl="plain fwd+bwd",
                          ms=round(t_plain * 1e3, 1), added_ms=0.0, speedup=""))
         ref_added = times["+ BNS hook reference"] - t_plain
@@ -109,8 +138,38 @@ def model_rows(quick: bool) -> list[dict]:
     return rows
 
 
+def iteration_rows(quick: bool) -> list[dict]:
+    """Part (c). The variants run round-robin (one iteration of each per round, medians over the rounds), each
+    on its own copy of the model, so that a drifting machine load biases no variant."""
+    configs = [("cifar_resnet20", 256, 32, 10, 8), ("resnet18", 32, 224, 1000, 5)]
+    if quick:
+        configs = [(n, b // 8, s, c, 3) for n, b, s, c, _ in configs]
+    rows = []
+    for name, batch, size, classes, rounds in configs:
+        torch.manual_seed(0)
+        model = build(name).eval()
+        case = f"{name} batch {batch} {size}x{size}"
+        with contextlib.ExitStack() as stack:
+            steps = {}
+            for label, copies in (("official loop (host copies)", True), ("official loop (no host copies)", False)):
+                loop = OfficialLoop(copy.deepcopy(model), batch, size, classes, host_copies=copies)
+                stack.callback(loop.close)
+                steps[label] = loop.step
+            for label, kw in (("zsqfast fp32 NCHW", dict(channels_last=False)), ("zsqfast fp32", {}),
+                              ("zsqfast bf16 (opt-in)", dict(precision="bf16"))):
+                steps[label] = stack.enter_context(iteration_runner(copy.deepcopy(model), batch,
+                                                                    input_shape=(3, size, size),
+                                                                    num_classes=classes, **kw))
+            med = round_robin(steps, rounds)
+        base = med["official loop (host copies)"]
+        for k, t in med.items():
+            rows.append(dict(part="c", case=case, impl=k, ms=round(t * 1e3, 1), added_ms=float("nan"),
+                             speedup=f"{base / t:.2f}x official; {batch * 3600 / (1000 * t):.0f} images/hour"))
+    return rows
+
+
 def main() -> None:
-    cli(__doc__, "bench_synthesis", lambda quick: layer_rows(quick) + model_rows(quick),
+    cli(__doc__, "bench_synthesis", lambda quick: layer_rows(quick) + model_rows(quick) + iteration_rows(quick),
         [("part", "4s"), ("case", "40s"), ("impl", "22s"), ("ms", "9.3f"), ("added_ms", "9.3f"), ("speedup", "")],
         "(a) added_ms = time - time of the downstream use alone; speedup = added ms of the faster reference hook "
         "/ added ms of this implementation")

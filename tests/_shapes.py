@@ -49,3 +49,15 @@ def tiny_bn_model(num_classes: int = 4, seed: int = 0):
             bn.running_mean.uniform_(-0.3, 0.3)
             bn.running_var.uniform_(0.5, 1.5)
     return m.eval()
+
+
+def tiny_vit(num_classes: int = 5, seed: int = 0, fused_attn: bool = True):
+    """A 2-block timm ViT on 16x16 images (patch 4: 16 patches + the class token), random weights, eval mode."""
+    import timm
+
+    torch.manual_seed(seed)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, depth=2,
+                          embed_dim=24, num_heads=3, num_classes=num_classes)
+    for blk in m.blocks:
+        blk.attn.fused_attn = fused_attn
+    return m.eval()

@@ -71,3 +71,108 @@ def test_bad_inputs():
         zsqfast.synthesize(build("cifar_resnet20"), 4, method="gan")
     with pytest.raises(ValueError, match="unknown synthesis options"):
         zsqfast.synthesize(build("cifar_resnet20"), 4, learning_rate=1.0)
+
+
+def test_progress_bar_shows_batch_iteration_and_loss(capsys):
+    pytest.importorskip("tqdm")
+    zsqfast.synthesize(tiny_bn_model(), 4, batch_size=4, iterations=3, input_shape=(3, 8, 8), progress=True)
+    err = capsys.readouterr().err
+    assert "synthesis" in err and "3/3" in err and "batch=0" in err and "loss=" in err
+
+
+def test_interrupted_write_leaves_no_partial_shard_and_resumes(tmp_path, monkeypatch):
+    model = tiny_bn_model()
+    kw = dict(batch_size=4, iterations=2, seed=5, progress=False, input_shape=(3, 8, 8))
+    full = zsqfast.synthesize(model, 8, **kw)
+    real_save, calls = torch.save, []
+
+    def dying_save(obj, f, *a, **k):  # the second shard write dies half-way through
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        zsqfast.synthesize(model, 8, out=tmp_path, **kw)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json", "shard_00000.pt"]  # no temp, no half shard
+    assert sorted(json.loads((tmp_path / "index.json").read_text())["batches"]) == ["0"]
+    resumed = zsqfast.synthesize(model, 8, out=tmp_path, **kw)
+    assert resumed.meta["computed"] == [1] and torch.equal(resumed.images, full.images)
+
+
+def test_bf16_and_layout_options_stay_close_to_fp32():
+    model = tiny_bn_model()
+    kw = dict(batch_size=8, iterations=4, seed=0, progress=False, input_shape=(3, 8, 8))
+    ref = zsqfast.synthesize(model, 8, channels_last=False, **kw)
+    cl = zsqfast.synthesize(model, 8, **kw)
+    bf = zsqfast.synthesize(model, 8, precision="bf16", **kw)
+    # Adam at lr 0.5 turns rounding-level gradient differences into visible steps: compare on average
+    assert (cl.images - ref.images).abs().mean() < 1e-2 and (bf.images - ref.images).abs().mean() < 0.1
+    assert not torch.equal(bf.images, ref.images)
+    assert cl.meta["final_losses"][0] == pytest.approx(ref.meta["final_losses"][0], rel=1e-3)
+    assert bf.meta["final_losses"][0] == pytest.approx(ref.meta["final_losses"][0], rel=5e-2)
+    assert bf.images.dtype == torch.float32 and bf.images.is_contiguous()
+    assert all(p.is_contiguous() for p in model.parameters())  # the model's layout is restored
+    with pytest.raises(ValueError, match="precision"):
+        zsqfast.synthesize(model, 8, precision="fp16", **kw)
+
+
+def test_imagenet_size_recipe_augments_and_is_deterministic():
+    from zsqfast.synthesis import recipes
+
+    hp = recipes.resolve("hast", {}, (3, 224, 224), tiny_bn_model())
+    assert (hp["aug_p"], hp["crop_scale"], hp["hard_beta"], hp["hard_gamma"]) == (0.5, (0.4, 1.0), 0.1, 0.5)
+    assert recipes.resolve("hast", {}, (3, 32, 32), tiny_bn_model())["aug_p"] == 0.0
+    x = torch.randn(6, 3, 20, 20, requires_grad=True)
+    a = recipes.random_resized_crop_flip(x, torch.Generator().manual_seed(1))
+    b = recipes.random_resized_crop_flip(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.allclose(a, x)
+    a.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    # geometry: on ramp images (channel 0 = column index, 1 = row index) every output is again a ramp whose
+    # slopes are the crop's side fractions (+-w for a flip, h), with area w*h in [0.4, 1] or the whole image
+    n, size = 200, 24
+    ramp = torch.stack(torch.meshgrid(torch.arange(float(size)), torch.arange(float(size)),
+                                      indexing="xy")).expand(n, -1, -1, -1)
+    out = recipes.random_resized_crop_flip(ramp, torch.Generator().manual_seed(3))
+    sx = (out[:, 0, :, 1:] - out[:, 0, :, :-1])[:, :, 1:-1]  # edge pixels may sample half a pixel outside
+    sy = (out[:, 1, 1:, :] - out[:, 1, :-1, :])[:, 1:-1]
+    assert torch.allclose(sx, sx[:, :1, :1].expand_as(sx), atol=1e-4)  # linear: one slope per image
+    assert torch.allclose(sy, sy[:, :1, :1].expand_as(sy), atol=1e-4)
+    w, h = sx[:, 0, 0].abs(), sy[:, 0, 0]
+    area = w * h
+    assert ((area >= 0.4 - 1e-4) & (area <= 1 + 1e-4)).all() and (w <= 1 + 1e-5).all() and (h <= 1 + 1e-5).all()
+    flips = (sx[:, 0, 0] < 0).float().mean()
+    assert 0.35 < flips < 0.65
+    whole = recipes.random_resized_crop_flip(ramp[:8], torch.Generator(), (1.0, 1.0))  # no fit: whole image
+    for f in whole:
+        assert torch.allclose(f, ramp[0], atol=1e-4) or torch.allclose(f, ramp[0].flip(-1), atol=1e-4) or \
+            torch.allclose(f[1], ramp[0, 1], atol=1e-4) and torch.allclose(f[0], ramp[0, 0].flip(-1), atol=1e-4)
+
+
+def test_deepinversion_cosine_schedule_and_constant_option():
+    import math
+
+    from zsqfast.synthesis import recipes
+    from zsqfast.synthesis.engine import _Batch, _Objective
+
+    model = tiny_bn_model()
+    hp = recipes.resolve("deepinversion", {"warmup": 3}, (3, 8, 8), model)
+    obj = _Objective(model, hp, "fp32", "cpu")
+    try:
+        state = _Batch(obj, (3, 8, 8), 4, 0, 2, 0, False, "cpu", iterations=10)
+        lrs = []
+        for it in range(10):
+            lrs.append(state.opt.param_groups[0]["lr"])
+            state.step(it)
+    finally:
+        obj.close()
+    want = [0.2 * (e + 1) / 3 if e < 3 else 0.2 * 0.5 * (1 + math.cos(math.pi * (e - 3) / 7)) for e in range(10)]
+    assert lrs == pytest.approx(want)
+    ds = zsqfast.synthesize(model, 2, batch_size=2, iterations=2, scheduler=None, progress=False, input_shape=(3, 8, 8))
+    assert ds.meta["hyperparameters"]["scheduler"] is None
+    with pytest.raises(ValueError, match="scheduler"):
+        zsqfast.synthesize(model, 2, iterations=1, scheduler="step", progress=False, input_shape=(3, 8, 8))

@@ -2,5 +2,6 @@
 from .bns_loss import BNSLoss
 from .engine import SyntheticDataset, synthesize
 from .filtering import FilterResult, filter_images
+from .patch_entropy import PatchEntropy
 
-__all__ = ["BNSLoss", "FilterResult", "SyntheticDataset", "filter_images", "synthesize"]
+__all__ = ["BNSLoss", "FilterResult", "PatchEntropy", "SyntheticDataset", "filter_images", "synthesize"]

@@ -79,6 +79,12 @@ class BNSLoss:
         self._stats[module] = (mean, var, m)
         return None
 
+    def batch_statistics(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer ``(mean, biased var)`` (fp32 (C,), differentiable) of the last forward pass, layer order."""
+        if any(layer not in self._stats for layer in self.layers):
+            raise RuntimeError("a BatchNorm2d layer did not run in the last forward pass; call bns(x) first")
+        return [self._stats[layer][:2] for layer in self.layers]
+
     def layer_losses(self) -> list[torch.Tensor]:
         """Unweighted per-layer terms of the last forward pass (in layer order)."""
         out = []

@@ -4,19 +4,34 @@ Method ``"hast"`` (HAST / SynQ official generation; ../shared/reference/zsq-sema
 images start as N(0, 1) noise in the model's normalised input space with uniformly random labels; Adam
 (lr 0.5) with ReduceLROnPlateau(patience 50, min_lr 1e-4) stepped every iteration on the loss; 1,000
 iterations per batch of 256; loss = BNS ("hast" form) + hard-sample inception loss
-``hard_beta * mean((1 - p_y)^hard_gamma * CE_i)`` with (beta, gamma) = (10, 2) for CIFAR-size inputs (<= 64
-px) and (0.1, 0.5) for ImageNet-size ones, as the official settings. No augmentation (CIFAR), no priors.
+``hard_beta * mean((1 - p_y)^hard_gamma * CE_i)`` with (10, 2) for CIFAR-size inputs and (0.1, 0.5) for
+ImageNet-size ones; ImageNet-size inputs get a random resized crop (0.4-1) + flip with p 0.5 per iteration,
+CIFAR none; no priors. ``calibration_centers=True`` adds SynQ's calibration centers + layered BNS
+(centers.py).
 
-Method ``"deepinversion"``: BNS in DeepInversion's form (unsquared norms, first layer x10) + CE + the image
-priors ``tv_l2 * TV_L2 + l2 * ||x||^2`` (1e-4, 1e-5), Adam lr 0.2 betas (0.5, 0.9), random jitter and flip.
+Method ``"deepinversion"``: BNS in DeepInversion's form (unsquared norms, first layer x10) + CE + the priors
+``1e-4 TV_L2 + 1e-5 ||x||_2``, Adam lr 0.2 betas (0.5, 0.9) with DeepInversion's cosine schedule (100
+warm-up iterations), jitter 2 px and flip.
+
+Method ``"psaq-vit"`` (vision transformers, no BatchNorm): ``-sum_l mean_b H_l + CE + 0.05 |TV_L2 - U(2500,
+3000)|`` with H_l the patch-similarity entropy (patch_entropy.py), Adam lr 0.2 (0.25 for Swin), batch 32,
+constant learning rate. Every hyperparameter is listed in recipes.py and can be overridden by keyword.
+
+Speed (same results as the official loop's arithmetic, less work): the fused BN-statistics op (one read per
+BN input, affine backward), the model's parameters frozen (the official loop also computes every weight
+gradient and never uses them), hooks registered once, no per-layer host copies, channels-last activations
+(``channels_last=True``), batched augmentation, one host synchronisation per iteration (the loss value the
+plateau scheduler needs; the official loop has 2 + 4 per BN layer), and an opt-in bf16 autocast mode
+(``precision="bf16"``; images, Adam and every loss stay fp32).
 
 Every batch b is seeded from (seed, b) alone, so batches are independent: a run interrupted at any point and
-resumed (same ``out``) produces exactly the images of an uninterrupted run; only the batch in progress is
-recomputed. The model's parameters get no gradient (``requires_grad`` is switched off during synthesis and
-restored), so a step costs one forward and one input-gradient backward.
+resumed (same ``out``) produces exactly the images of an uninterrupted run, and under ``torchrun`` each rank
+takes the batches b with b % world_size == rank, writes their shards, and rank 0 merges one index: the result
+equals a single-process run with the same seed (same thread count and precision).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import sys
@@ -25,17 +40,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import recipes
 from .bns_loss import BNSLoss
+from .centers import center_loss, center_statistics, make_centers
+from .patch_entropy import PatchEntropy
 from .storage import ShardStore
-
-METHODS = {
-    "hast": dict(bns_form="hast", lr=0.5, betas=(0.9, 0.999), hard_beta=None, hard_gamma=None, ce=0.0,
-                 tv_l2=0.0, l2=0.0, jitter=0, flip=False),
-    "deepinversion": dict(bns_form="deepinversion", lr=0.2, betas=(0.5, 0.9), hard_beta=0.0, hard_gamma=0.0,
-                          ce=1.0, tv_l2=1e-4, l2=1e-5, jitter=2, flip=True),
-}
 
 
 @dataclass
@@ -65,8 +75,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
         if missing:
             raise ValueError(f"{out} is incomplete: batches {missing[:8]} are missing; run synthesize(..., out=...) "
                              "again to resume")
+        entries = store.entries(index)
         parts = [store.load_batch(index, b) for b in range(n_batches)]
-        meta = dict(index["meta"], final_losses=[index["batches"][str(b)]["final_loss"] for b in range(n_batches)])
+        meta = dict(index["meta"], final_losses=[entries[str(b)]["final_loss"] for b in range(n_batches)])
         n = meta["num_images"]
         return cls(torch.cat([p[0] for p in parts])[:n], torch.cat([p[1] for p in parts])[:n], meta)
 
@@ -90,12 +101,8 @@ def _input_shape(model: nn.Module, input_shape) -> tuple[int, int, int]:
     return (3, 32, 32)
 
 
-def _tv_l2(x: torch.Tensor) -> torch.Tensor:
-    return (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean()
-
-
 def _progress(total: int, enabled: bool, desc: str = "synthesis"):
-    if not enabled:
+    if not enabled or total == 0:
         return None
     try:
         from tqdm.auto import tqdm
@@ -104,116 +111,268 @@ def _progress(total: int, enabled: bool, desc: str = "synthesis"):
     return tqdm(total=total, desc=desc, unit="it", file=sys.stderr, dynamic_ncols=True)
 
 
-def _synthesize_batch(bns: BNSLoss, shape, num_classes: int, b: int, batch: int, seed: int, iterations: int,
-                      hp: dict, bar) -> tuple[torch.Tensor, torch.Tensor, float]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-    x = torch.randn((batch,) + shape, generator=g).requires_grad_(True)
-    y = torch.randint(0, num_classes, (batch,), generator=g)
-    opt = torch.optim.Adam([x], lr=hp["lr"], betas=hp["betas"])
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=50, min_lr=1e-4)
+def _dist_context(distributed):
+    """``(rank, world_size, barrier, agree)``: torch.distributed's when it is initialised (or asked for), else
+    one process. ``agree(error_or_None)`` raises the same ValueError on every rank when any rank has one (so
+    that no rank waits forever at a barrier another rank will never reach)."""
+    import torch.distributed as dist
+
+    use = dist.is_available() and dist.is_initialized() if distributed is None else bool(distributed)
+    if use and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("distributed=True needs torch.distributed initialised (e.g. run under torchrun and call "
+                           "torch.distributed.init_process_group first)")
+
+    def agree_local(err):
+        if err:
+            raise ValueError(err)
+
+    if not use or dist.get_world_size() == 1:
+        return 0, 1, lambda: None, agree_local
+
+    def agree(err):
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, err)
+        agree_local(next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None))
+
+    return dist.get_rank(), dist.get_world_size(), dist.barrier, agree
+
+
+class _Objective:
+    """The model run + loss of one recipe: hooks registered once for the whole run, removed by ``close``."""
+
+    def __init__(self, model: nn.Module, hp: dict, precision: str, device_type: str):
+        self.hp, self.targets = hp, None
+        self.bns = BNSLoss(model, hp["bns_form"]) if hp["bns_form"] else None
+        self.pe = PatchEntropy(model, hp["kde_bandwidth"], hp["kde_points"]) if hp["entropy"] else None
+        self.model = model
+        self.autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16"
+                         else contextlib.nullcontext())
+
+    def forward(self, x):
+        """``(logits, auxiliary)``: the BNS loss (BNS methods) or the (L, B) entropies (psaq-vit)."""
+        with self.autocast:
+            if self.bns is not None:
+                return self.bns(x)
+            if self.pe is not None:
+                return self.pe(x)
+            return self.model(x), None
+
+    def loss(self, x_opt, inp, y, g) -> torch.Tensor:
+        hp = self.hp
+        logits, aux = self.forward(inp)
+        loss = recipes.class_loss(logits, y, hp) + recipes.prior_loss(x_opt, hp, g)
+        if self.bns is not None:
+            scale = hp["lbns_bns_scale"] if self.targets is not None else 1.0
+            loss = loss + scale * aux
+            if self.targets is not None:
+                loss = loss + hp["lbns_center_weight"] * center_loss(self.bns, self.targets, len(y))
+        if self.pe is not None:
+            loss = loss - hp["entropy"] * aux.mean(1).sum()
+        return loss
+
+    def close(self):
+        for h in (self.bns, self.pe):
+            if h is not None:
+                h.remove()
+
+
+class _Batch:
+    """One batch's optimisation state: images x (optimised), labels y, Adam and the plateau scheduler."""
+
+    def __init__(self, obj: _Objective, shape, num_classes: int, b: int, batch: int, seed: int, channels_last: bool,
+                 device, iterations: int = 1000):
+        hp = self.hp = obj.hp
+        self.obj, self.b = obj, b
+        self.g = torch.Generator().manual_seed(seed * 1_000_003 + b)
+        x = torch.randn((batch,) + tuple(shape), generator=self.g).to(device)
+        self.y = torch.randint(0, num_classes, (batch,), generator=self.g).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        self.x = x.requires_grad_(True)
+        self.opt = torch.optim.Adam([self.x], lr=hp["lr"], betas=hp["betas"])
+        self.sched = None
+        if hp["scheduler"] == "plateau":
+            self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, patience=hp["patience"],
+                                                                    min_lr=hp["min_lr"])
+        elif hp["scheduler"] == "cosine":  # DeepInversion's lr_cosine_policy: linear warm-up, then cosine to 0
+            w, span = hp["warmup"], max(1, iterations - hp["warmup"])
+            self.sched = torch.optim.lr_scheduler.LambdaLR(
+                self.opt, lambda e: (e + 1) / w if e < w else 0.5 * (1 + math.cos(math.pi * (e - w) / span)))
+
+    def step(self, it: int = 0) -> float:
+        """One iteration: augment, forward, loss, input-gradient backward, Adam step, scheduler step."""
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.obj.loss(self.x, recipes.augment(self.x, self.hp, self.g), self.y, self.g)
+        loss.backward()
+        self.opt.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"synthesis loss became {value} at batch {self.b}, iteration {it}; lower lr")
+        if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.sched.step(value)
+        elif self.sched is not None:
+            self.sched.step()
+        return value
+
+
+def _synthesize_batch(obj: _Objective, shape, num_classes: int, b: int, batch: int, seed: int, iterations: int,
+                      channels_last: bool, device, bar) -> tuple[torch.Tensor, torch.Tensor, float]:
+    state = _Batch(obj, shape, num_classes, b, batch, seed, channels_last, device, iterations)
     loss_value = float("nan")
     for it in range(iterations):
-        inp = x
-        if hp["jitter"]:
-            dx, dy = torch.randint(-hp["jitter"], hp["jitter"] + 1, (2,), generator=g).tolist()
-            inp = torch.roll(inp, shifts=(dx, dy), dims=(2, 3))
-        if hp["flip"] and bool(torch.rand((), generator=g) < 0.5):
-            inp = torch.flip(inp, dims=(3,))
-        opt.zero_grad(set_to_none=True)
-        logits, bns_loss = bns(inp)
-        ce = F.cross_entropy(logits, y, reduction="none")
-        loss = bns_loss
-        if hp["hard_beta"]:  # HAST hard-sample weighting: (1 - p_y)^gamma
-            p_y = torch.softmax(logits, 1).gather(1, y[:, None]).squeeze(1).detach()
-            loss = loss + hp["hard_beta"] * ((1 - p_y).pow(hp["hard_gamma"]) * ce).mean()
-        if hp["ce"]:
-            loss = loss + hp["ce"] * ce.mean()
-        if hp["tv_l2"]:
-            loss = loss + hp["tv_l2"] * _tv_l2(x)
-        if hp["l2"]:
-            loss = loss + hp["l2"] * x.pow(2).mean()
-        loss.backward()
-        opt.step()
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"synthesis loss became {loss_value} at batch {b}, iteration {it}; lower lr")
-        sched.step(loss_value)
+        loss_value = state.step(it)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(batch=b, loss=f"{loss_value:.4g}", refresh=False)
-    return x.detach(), y, loss_value
+    return state.x.detach().contiguous(), state.y.cpu(), loss_value
 
 
-def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch_size: int = 256,
+@contextlib.contextmanager
+def iteration_runner(model: nn.Module, batch: int, *, method: str = "hast", input_shape=None, num_classes: int = 10,
+                     precision: str = "fp32", channels_last: bool = True, seed: int = 0, **overrides):
+    """``with iteration_runner(model, 256) as step: step()`` runs single synthesis iterations of batch 0 exactly
+    as :func:`synthesize` does (for benchmarks); the model is restored on exit."""
+    shape = _input_shape(model, input_shape)
+    hp = recipes.resolve(method, overrides, shape, model)
+    with _synthesis_mode(model, channels_last):
+        obj = _Objective(model, hp, precision, next(model.parameters()).device.type)
+        try:
+            yield _Batch(obj, shape, num_classes, 0, batch, seed, channels_last,
+                         next(model.parameters()).device).step
+        finally:
+            obj.close()
+
+
+@contextlib.contextmanager
+def _synthesis_mode(model: nn.Module, channels_last: bool):
+    """Eval mode, frozen parameters and (optionally) channels-last weights; everything restored on exit."""
+    was_training = model.training
+    tensors = list(model.parameters()) + list(model.buffers())
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    contiguous = [(t, t.is_contiguous()) for t in tensors]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for t, was in contiguous:
+            if was and not t.is_contiguous():
+                t.data = t.data.contiguous()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch_size: int | None = None,
                iterations: int = 1000, seed: int = 0, out: str | Path | None = None, input_shape=None,
-               num_classes: int | None = None, progress: bool = True, max_batches: int | None = None,
-               **overrides) -> SyntheticDataset:
-    """Synthesize ``num_images`` images from ``model`` (its BatchNorm statistics and its classifier).
+               num_classes: int | None = None, calibration_centers: bool = False, precision: str = "fp32",
+               channels_last: bool = True, progress: bool = True, max_batches: int | None = None,
+               distributed: bool | None = None, **overrides) -> SyntheticDataset:
+    """Synthesize ``num_images`` images from ``model`` (its BatchNorm statistics / attention and its classifier).
 
     Args:
-        model: a classifier with BatchNorm2d layers (run in eval mode; left unchanged).
-        method: ``"hast"`` or ``"deepinversion"`` (module docstring); ``overrides`` replace any of the
-            method's hyperparameters (lr, betas, bns_form, hard_beta, hard_gamma, ce, tv_l2, l2, jitter, flip).
-        batch_size, iterations: per batch; the last batch may be smaller.
+        model: a classifier (run in eval mode with frozen parameters; left unchanged). BNS methods need
+            BatchNorm2d layers, ``"psaq-vit"`` timm attention blocks.
+        method: ``"hast"`` (default), ``"deepinversion"`` or ``"psaq-vit"`` (module docstring); ``overrides``
+            replace any hyperparameter of the method (recipes.py lists and explains them all).
+        batch_size: images per batch (256; 32 for psaq-vit); the last batch may be smaller.
+        iterations: optimisation steps per batch (1000).
         seed: batch b is fully determined by (seed, b).
         out: directory for shards + index; an existing run there is resumed (its settings must match).
         input_shape: (C, H, W); default from a timm model's config, else (3, 32, 32).
         num_classes: default: the size of the model's output.
-        max_batches: stop after this many new batches (the rest can be resumed later).
+        calibration_centers: SynQ's calibration centers + layered BNS (BNS methods; centers.py).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast of the model's forward and backward; opt-in).
+        channels_last: run convolutions on channels-last images and weights (faster on CPU and GPU).
+        progress: a progress bar (tqdm) with batch, iteration count and loss (rank 0 only).
+        max_batches: stop after this many new batches (per process; the rest can be resumed later).
+        distributed: split the batches over the ranks of torch.distributed (None: when it is initialised);
+            needs ``out`` (the shared directory the ranks write to). Every rank returns the whole set.
     Returns:
         SyntheticDataset of the batches done (all of them unless ``max_batches`` stopped early).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    unknown = set(overrides) - set(METHODS[method])
-    if unknown:
-        raise ValueError(f"unknown synthesis options {sorted(unknown)}")
+    shape = _input_shape(model, input_shape)
+    hp = recipes.resolve(method, overrides, shape, model)
+    batch_size = recipes.DEFAULT_BATCH[method] if batch_size is None else batch_size
     if num_images < 1 or batch_size < 1 or iterations < 1:
         raise ValueError("num_images, batch_size and iterations must be positive")
-    hp = dict(METHODS[method], **overrides)
-    shape = _input_shape(model, input_shape)
-    small = max(shape[1:]) <= 64  # CIFAR-size vs ImageNet-size official hard-sample settings
-    if hp["hard_beta"] is None:
-        hp["hard_beta"] = 10.0 if small else 0.1
-    if hp["hard_gamma"] is None:
-        hp["hard_gamma"] = 2.0 if small else 0.5
-    was_training = model.training
-    model.eval()
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        with BNSLoss(model, hp["bns_form"]) as bns:
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if calibration_centers and not hp["bns_form"]:
+        raise ValueError(f"calibration_centers needs a BN-statistics method, not {method!r}")
+    rank, world, barrier, agree = _dist_context(distributed)
+    if world > 1 and out is None:
+        raise ValueError("a multi-process synthesis needs out= (a directory every rank can write)")
+    device = next(model.parameters()).device
+    channels_last = channels_last and len(shape) == 3
+    with _synthesis_mode(model, channels_last):
+        obj = _Objective(model, hp, precision, device.type)
+        try:
             if num_classes is None:
                 with torch.no_grad():
-                    num_classes = int(model(torch.zeros((1,) + shape)).shape[1])
+                    num_classes = int(obj.forward(torch.zeros((1,) + shape, device=device))[0].shape[1])
             n_batches = (num_images + batch_size - 1) // batch_size
             meta = dict(method=method, num_images=num_images, batch_size=batch_size, iterations=iterations, seed=seed,
                         num_batches=n_batches, input_shape=list(shape), num_classes=num_classes,
+                        calibration_centers=calibration_centers, precision=precision, channels_last=channels_last,
                         model=model_fingerprint(model), hyperparameters={k: list(v) if isinstance(v, tuple) else v
                                                                         for k, v in hp.items()})
             store = ShardStore(out) if out is not None else None
-            index = store.open(meta) if store else None
+            index = None
+            if store is not None:  # rank 0 creates (or checks) the index first, then the others check it
+                for turn in (rank == 0, rank != 0):
+                    err = None
+                    if turn:
+                        try:
+                            index = store.open(meta)
+                        except ValueError as e:
+                            err = str(e)
+                    agree(err)
             done = store.done(index) if store else set()
-            todo = [b for b in range(n_batches) if b not in done][:max_batches]
-            bar = _progress(len(todo) * iterations, progress)
+            todo = [b for b in range(n_batches) if b not in done and b % world == rank][:max_batches]
+            need_centers = calibration_centers and (todo or store is None)
+            centers = store.load_tensor("centers.pt") if (store and need_centers) else None
+            n_center_its = hp["center_iterations"] * -(-num_classes // batch_size)
+            bar = _progress(len(todo) * iterations + (n_center_its if need_centers and centers is None else 0),
+                            progress and rank == 0)
+            if calibration_centers and world > 1:  # rank 0 makes the centers once, the others load them
+                if rank == 0 and store.load_tensor("centers.pt") is None:
+                    store.save_tensor("centers.pt", make_centers(obj.bns, shape, num_classes, hp, seed, batch_size,
+                                                                 obj.forward, bar))
+                barrier()
+                centers = store.load_tensor("centers.pt") if need_centers else None
+            elif need_centers and centers is None:
+                centers = make_centers(obj.bns, shape, num_classes, hp, seed, batch_size, obj.forward, bar)
+                if store:
+                    store.save_tensor("centers.pt", centers)
+            if centers is not None:
+                obj.targets = center_statistics(obj.bns, centers.to(device), batch_size, obj.forward)
             results = {}
             for b in todo:
                 batch = min(batch_size, num_images - b * batch_size)
-                x, y, final = _synthesize_batch(bns, shape, num_classes, b, batch, seed, iterations, hp, bar)
+                x, y, final = _synthesize_batch(obj, shape, num_classes, b, batch, seed, iterations, channels_last,
+                                             device, bar)
                 if store:
-                    store.save_batch(index, b, x, y, final)
-                results[b] = (x, y, final)
+                    store.save_batch(index, b, x, y, final, sidecar=world > 1)
+                results[b] = (x.cpu(), y, final)
             if bar is not None:
                 bar.close()
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
+        finally:
+            obj.close()
     if store:
-        for b in sorted(store.done(index) - set(results)):
+        barrier()
+        if world > 1:
+            if rank == 0:
+                store.merge(index)
+            barrier()
+            index = store.load_index()
+        entries = store.entries(index)
+        for b in sorted(set(int(k) for k in entries) - set(results)):
             x, y = store.load_batch(index, b)
-            results[b] = (x, y, index["batches"][str(b)]["final_loss"])
+            results[b] = (x, y, entries[str(b)]["final_loss"])
     order = sorted(results)
-    meta = dict(meta, final_losses=[results[b][2] for b in order], batches=order)
+    meta = dict(meta, final_losses=[results[b][2] for b in order], batches=order, computed=todo)
     return SyntheticDataset(torch.cat([results[b][0] for b in order]), torch.cat([results[b][1] for b in order]), meta)

@@ -11,8 +11,13 @@ Two scores per image, computed batch by batch (``batch_size`` images form the "b
   ``mu_-i = (S - s_i) / (M - K)`` and ``var_-i = (Q - q_i) / (M - K) - mu_-i^2``, so every S(x_i) comes from
   one forward pass instead of B extra ones.
 
+For a vision transformer (no BatchNorm, timm attention blocks) the second score is PSAQ-ViT's
+patch-similarity entropy ``H(x) = sum_l H_l(x)`` (patch_entropy.py): real-looking images give diverse patch
+features, so the ``entropy_keep`` fraction with the *highest* entropy is kept.
+
 An image is kept when it is among the ``energy_keep`` fraction with the lowest energy and among the
-``bn_keep`` fraction with the lowest sensitivity (each ranked over the whole set).
+``bn_keep`` fraction with the lowest sensitivity (CNNs) / the ``entropy_keep`` fraction with the highest
+patch entropy (ViTs), each ranked over the whole set.
 """
 from __future__ import annotations
 
@@ -21,12 +26,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from .patch_entropy import PatchEntropy, _attention_modules
+
 
 @dataclass
 class FilterResult:
-    keep: torch.Tensor           # int64 indices of the kept images, ascending
-    energy: torch.Tensor         # float64 (N,)
-    bn_sensitivity: torch.Tensor  # float64 (N,)
+    keep: torch.Tensor                          # int64 indices of the kept images, ascending
+    energy: torch.Tensor                        # float64 (N,)
+    bn_sensitivity: torch.Tensor | None = None  # float64 (N,), models with BatchNorm2d
+    patch_entropy: torch.Tensor | None = None   # float64 (N,), vision transformers
 
 
 def _discrepancy(mean, var, rm, rv):
@@ -72,25 +80,52 @@ def bn_sensitivity_and_energy(model: nn.Module, images: torch.Tensor, temperatur
     return torch.cat(energies), torch.cat(sens)
 
 
+@torch.no_grad()
+def patch_entropy_and_energy(model: nn.Module, images: torch.Tensor, temperature: float = 1.0,
+                             batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(energy, patch_entropy)``, float64 (N,) each: the entropy summed over the attention blocks."""
+    model.eval()
+    energies, ents = [], []
+    with PatchEntropy(model) as pe:
+        for xb in images.split(batch_size):
+            logits, h = pe(xb)
+            energies.append(-temperature * torch.logsumexp(logits.double() / temperature, dim=1))
+            ents.append(h.double().sum(0))
+    return torch.cat(energies), torch.cat(ents)
+
+
 def filter_images(model: nn.Module, images: torch.Tensor, *, energy_keep: float = 0.8, bn_keep: float = 0.5,
-                  temperature: float = 1.0, batch_size: int = 256) -> FilterResult:
-    """Indices of the images that pass both filters (see the module docstring), with both scores.
+                  entropy_keep: float = 0.5, temperature: float = 1.0, batch_size: int = 256) -> FilterResult:
+    """Indices of the images that pass both filters (see the module docstring), with the scores.
 
     Args:
+        model: a CNN with BatchNorm2d layers (energy + BN sensitivity) or a timm vision transformer
+            (energy + patch-similarity entropy).
         images: float (N, C, H, W) in the model's normalised input space.
-        energy_keep, bn_keep: fractions in (0, 1] kept by each filter (GenQ: an energy ratio, BN 50 %).
+        energy_keep, bn_keep, entropy_keep: fractions in (0, 1] kept by each filter (GenQ: an energy ratio,
+            BN 50 %).
     """
-    for name, f in (("energy_keep", energy_keep), ("bn_keep", bn_keep)):
+    for name, f in (("energy_keep", energy_keep), ("bn_keep", bn_keep), ("entropy_keep", entropy_keep)):
         if not 0.0 < f <= 1.0:
             raise ValueError(f"{name} must be in (0, 1], got {f}")
     if images.dim() != 4:
         raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
-    energy, sens = bn_sensitivity_and_energy(model, images, temperature, batch_size)
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or Inf")
     n = len(images)
 
-    def lowest(score, frac):
+    def ranked(score, frac, highest=False):
         k = max(1, int(round(frac * n)))
-        return set(torch.argsort(score, stable=True)[:k].tolist())
+        return set(torch.argsort(-score if highest else score, stable=True)[:k].tolist())
 
-    keep = sorted(lowest(energy, energy_keep) & lowest(sens, bn_keep))
-    return FilterResult(torch.tensor(keep, dtype=torch.int64), energy, sens)
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    if not has_bn and _attention_modules(model):
+        energy, ent = patch_entropy_and_energy(model, images, temperature, batch_size)
+        keep = sorted(ranked(energy, energy_keep) & ranked(ent, entropy_keep, highest=True))
+        return FilterResult(torch.tensor(keep, dtype=torch.int64), energy, patch_entropy=ent)
+    if not has_bn:
+        raise ValueError(f"{type(model).__name__} has no BatchNorm2d layer and no timm attention block: filtering "
+                         "needs BatchNorm statistics (CNNs) or attention outputs (vision transformers)")
+    energy, sens = bn_sensitivity_and_energy(model, images, temperature, batch_size)
+    keep = sorted(ranked(energy, energy_keep) & ranked(sens, bn_keep))
+    return FilterResult(torch.tensor(keep, dtype=torch.int64), energy, bn_sensitivity=sens)

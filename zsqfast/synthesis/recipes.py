@@ -1,0 +1,146 @@
+"""The synthesis recipes: hyperparameter tables, the per-iteration augmentation and the image priors.
+
+Every hyperparameter of :func:`zsqfast.synthesize` lives in :data:`METHODS` (one dict per method) and can be
+overridden by keyword; ``None`` entries are resolved from the input size by :func:`resolve`. Meanings:
+
+=================  ================================================================================
+bns_form           BNSLoss form ("hast", "deepinversion"), None = no BN-statistics loss (psaq-vit)
+lr, betas          Adam's learning rate and betas
+scheduler          "plateau": ReduceLROnPlateau(patience ``patience``, min_lr ``min_lr``) stepped on the
+                   loss every iteration (HAST / SynQ); "cosine": DeepInversion's lr_cosine_policy (linear
+                   warm-up over ``warmup`` iterations, then cosine decay to 0); None: constant
+hard_beta/gamma    HAST hard-sample inception loss ``beta * mean((1 - p_y)^gamma * CE_i)``; None =
+                   (10, 2) for inputs <= 64 px (CIFAR), (0.1, 0.5) for larger ones (ImageNet), as HAST
+ce                 plain cross-entropy weight (DeepInversion, PSAQ-ViT)
+tv_l2, l2          DeepInversion priors: ``tv_l2 * TV_L2(x) + l2 * mean_i ||x_i||_2`` with DeepInversion's
+                   TV_L2 = sum of the L2 norms of the 4 neighbour differences (axis and diagonal)
+tv_band, tv_weight PSAQ-ViT prior ``tv_weight * |TV_L2(x) - U(tv_band)|`` (0.05, U(2500, 3000))
+entropy            PSAQ-ViT: weight of ``-sum_l mean_b H_l`` (patch-similarity entropy), 0 = off
+kde_bandwidth/...  PSAQ-ViT's KDE bandwidth (0.01) and grid points (10)
+aug_p, crop_scale  with probability ``aug_p`` per iteration, per-image random resized crop (torchvision's
+                   sampling: area fraction U(crop_scale), aspect ratio in [3/4, 4/3]; bilinear) + flip
+                   p 0.5; None = 0.5 / (0.4, 1) for ImageNet-size inputs and off for CIFAR, as HAST/SynQ
+jitter, flip       DeepInversion: random roll by up to ``jitter`` px and a whole-batch flip p 0.5
+lbns_*             calibration centers + layered BNS (``calibration_centers=True``): see centers.py
+=================  ================================================================================
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_COMMON = dict(bns_form="hast", lr=0.5, betas=(0.9, 0.999), scheduler="plateau", patience=50, min_lr=1e-4,
+               warmup=100,
+               hard_beta=None, hard_gamma=None, ce=0.0, tv_l2=0.0, l2=0.0, tv_band=(2500.0, 3000.0),
+               tv_weight=0.0, entropy=0.0, kde_bandwidth=0.01, kde_points=10, aug_p=None, crop_scale=(0.4, 1.0),
+               jitter=0, flip=False,
+               # calibration centers + layered BNS (SynQ --lbns); used only with calibration_centers=True
+               center_iterations=1500, center_lr=0.5, center_min_lr=0.05, center_ce=5.0, center_clamp=3.0,
+               center_shallow_weight=0.2, center_deep_weight=1.1, lbns_bns_scale=0.4, lbns_center_weight=0.02)
+
+METHODS = {
+    "hast": dict(_COMMON),
+    "deepinversion": dict(_COMMON, bns_form="deepinversion", lr=0.2, betas=(0.5, 0.9), scheduler="cosine",
+                          hard_beta=0.0, hard_gamma=0.0, ce=1.0, tv_l2=1e-4, l2=1e-5, aug_p=0.0, jitter=2,
+                          flip=True),
+    "psaq-vit": dict(_COMMON, bns_form=None, lr=None, scheduler=None, hard_beta=0.0, hard_gamma=0.0, ce=1.0,
+                     tv_weight=0.05, entropy=1.0, aug_p=0.0),
+}
+DEFAULT_BATCH = {"hast": 256, "deepinversion": 256, "psaq-vit": 32}
+
+
+def resolve(method: str, overrides: dict, shape, model) -> dict:
+    """The method's hyperparameters with ``overrides`` applied and the size-dependent ``None`` defaults set."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    unknown = set(overrides) - set(METHODS[method])
+    if unknown:
+        raise ValueError(f"unknown synthesis options {sorted(unknown)}; known: {sorted(METHODS[method])}")
+    hp = dict(METHODS[method], **overrides)  # None for hard_beta / hard_gamma / aug_p / lr: the automatic value
+    if hp["scheduler"] not in ("plateau", "cosine", None):
+        raise ValueError(f"scheduler must be 'plateau', 'cosine' or None, got {hp['scheduler']!r}")
+    small = max(shape[1:]) <= 64  # CIFAR-size vs ImageNet-size official settings
+    if hp["hard_beta"] is None:
+        hp["hard_beta"] = 10.0 if small else 0.1
+    if hp["hard_gamma"] is None:
+        hp["hard_gamma"] = 2.0 if small else 0.5
+    if hp["aug_p"] is None:
+        hp["aug_p"] = 0.0 if small else 0.5
+    if hp["lr"] is None:  # PSAQ-ViT: 0.25 for Swin, 0.2 otherwise
+        hp["lr"] = 0.25 if "swin" in type(model).__name__.lower() else 0.2
+    return hp
+
+
+def random_resized_crop_flip(x: torch.Tensor, g: torch.Generator, scale=(0.4, 1.0), attempts: int = 10) -> torch.Tensor:
+    """Per image, torchvision's RandomResizedCrop sampling (area fraction U(scale), aspect ratio log-uniform in
+    [3/4, 4/3]; the first of ``attempts`` draws that fits, else the whole image), the crop resized back to
+    H x W (bilinear, one batched grid_sample over the batch), then a horizontal flip with p 0.5."""
+    n = x.shape[0]
+    area = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=g)
+    ratio = torch.exp(torch.empty(n, attempts).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)        # crop sides as fractions of W and H
+    fits = (w <= 1) & (h <= 1)
+    first = fits.float().argmax(1, keepdim=True)
+    found = fits.any(1)
+    w = torch.where(found, w.gather(1, first).squeeze(1), 1.0)
+    h = torch.where(found, h.gather(1, first).squeeze(1), 1.0)
+    cx = (torch.rand(n, generator=g) * 2 - 1) * (1 - w)            # centre in [-1, 1] units, inside the image
+    cy = (torch.rand(n, generator=g) * 2 - 1) * (1 - h)
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)  # -1 = flipped
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def tv_l2_deepinversion(x: torch.Tensor) -> torch.Tensor:
+    """DeepInversion's TV_L2: sum of the L2 norms (over the whole batch) of the 4 neighbour differences."""
+    d1 = x[:, :, :, :-1] - x[:, :, :, 1:]
+    d2 = x[:, :, :-1, :] - x[:, :, 1:, :]
+    d3 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]
+    d4 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]
+    return sum(torch.linalg.vector_norm(d) for d in (d1, d2, d3, d4))
+
+
+def augment(x: torch.Tensor, hp: dict, g: torch.Generator) -> torch.Tensor:
+    """The per-iteration input transform of the recipe (identity when every augmentation is off)."""
+    if hp["aug_p"] and bool(torch.rand((), generator=g) < hp["aug_p"]):
+        x = random_resized_crop_flip(x, g, hp["crop_scale"])
+    if hp["jitter"]:
+        dx, dy = torch.randint(-hp["jitter"], hp["jitter"] + 1, (2,), generator=g).tolist()
+        x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+    if hp["flip"] and bool(torch.rand((), generator=g) < 0.5):
+        x = torch.flip(x, dims=(3,))
+    return x
+
+
+def class_loss(logits: torch.Tensor, y: torch.Tensor, hp: dict) -> torch.Tensor:
+    """HAST hard-sample inception loss + plain CE, in fp32 (0-dim)."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits, y, reduction="none")
+    loss = logits.new_zeros(())
+    if hp["hard_beta"]:  # (1 - p_y)^gamma weights; p_y is not detached (HAST / SynQ code)
+        p_y = torch.softmax(logits, 1).gather(1, y[:, None]).squeeze(1)
+        loss = loss + hp["hard_beta"] * ((1 - p_y).pow(hp["hard_gamma"]) * ce).mean()
+    if hp["ce"]:
+        loss = loss + hp["ce"] * ce.mean()
+    return loss
+
+
+def prior_loss(x: torch.Tensor, hp: dict, g: torch.Generator) -> torch.Tensor:
+    """DeepInversion and PSAQ-ViT image priors on the optimised images x (0-dim)."""
+    loss = x.new_zeros(())
+    if hp["tv_l2"] or hp["tv_weight"]:
+        tv = tv_l2_deepinversion(x)
+        if hp["tv_l2"]:
+            loss = loss + hp["tv_l2"] * tv
+        if hp["tv_weight"]:
+            lo, hi = hp["tv_band"]
+            target = lo + (hi - lo) * float(torch.rand((), generator=g))
+            loss = loss + hp["tv_weight"] * (tv - target).abs()
+    if hp["l2"]:
+        loss = loss + hp["l2"] * torch.linalg.vector_norm(x.flatten(1), dim=1).mean()
+    return loss
