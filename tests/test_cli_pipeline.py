@@ -114,20 +114,21 @@ def test_usage_errors_exit_2(capsys):
 def test_runtime_failure_exit_1(files, quantized, monkeypatch, capsys):
     import zsqfast
 
-    monkeypatch.delattr(zsqfast, "convert_to_integer", raising=False)
-    assert _run("export", "--quantized", quantized, "--out", files / "int.pt") == 1
-    assert "convert_to_integer" in capsys.readouterr().err
+    monkeypatch.setattr(sys.modules["zsqfast.convert"], "convert_to_integer", lambda q: 1 / 0)
+    assert _run("export", "--quantized", quantized, "--out", files / "int.safetensors") == 1
+    assert "failed: ZeroDivisionError" in capsys.readouterr().err
     monkeypatch.setattr(sys.modules["zsqfast.finetune.trainer"], "evaluate", lambda *a, **k: 1 / 0)
     assert _run("eval", "--quantized", quantized, "--eval-data", files / "eval.npz") == 1
     assert "failed: ZeroDivisionError" in capsys.readouterr().err
 
 
-def test_export_with_integer_support(files, quantized, monkeypatch):
+def test_export_writes_a_loadable_integer_model(files, quantized):
     import zsqfast
 
-    monkeypatch.setattr(zsqfast, "convert_to_integer", lambda q: torch.nn.Sequential(q), raising=False)
-    assert _run("export", "--quantized", quantized, "--out", files / "int.pt") == 0
-    assert "state_dict" in torch.load(files / "int.pt", weights_only=True)
+    assert _run("export", "--quantized", quantized, "--out", files / "int.safetensors") == 0
+    im = zsqfast.load_integer_model(files / "int.safetensors", lambda: cifar_resnet(8))
+    y = im(torch.randn(2, 3, 32, 32))
+    assert y.shape == (2, 10) and bool(torch.isfinite(y).all())
 
 
 def test_data_dir_env_is_respected(monkeypatch, capsys):

@@ -177,25 +177,19 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    import zsqfast
+    from .convert import convert_to_integer
+    from .integer_io import save_integer_model
 
-    from .pipeline import save_model
-
-    convert = getattr(zsqfast, "convert_to_integer", None)
-    if convert is None:
-        print("zsqfast export: this build has no integer inference (zsqfast.convert_to_integer, issue 3); "
-              "update zsqfast", file=sys.stderr)
-        return 1
-    _, q, config = _quantized(args)
+    _, q, _config = _quantized(args)
     if q is None:
         raise ValueError("export needs --quantized DIR (the output of 'zsqfast quantize')")
-    save_model(Path(args.out), convert(q), config)
-    print(f"integer model written to {args.out}")
+    save_integer_model(convert_to_integer(q), Path(args.out))
+    print(f"integer model written to {args.out} (load it with zsqfast.load_integer_model(path, <fp model builder>))")
     return 0
 
 
 def _synth_methods() -> list[str]:
-    from .synthesis.engine import METHODS
+    from .synthesis.recipes import METHODS
 
     return sorted(METHODS)
 

@@ -8,7 +8,8 @@ Stages, in order (each one's artifact under ``out/``)::
                                      batches, ranges frozen: the zero-shot round-to-nearest model
     finetune     finetune/           :func:`zsqfast.finetune` checkpoint + log.jsonl (resumes per epoch)
                  model.pt            the fine-tuned model: {"state_dict", "config"}
-    export       integer_model.pt    :func:`zsqfast.convert_to_integer` of model.pt (only with export=True)
+    export       integer_model.safetensors   :func:`zsqfast.convert_to_integer` of model.pt (only with
+                                     export=True), written by :func:`zsqfast.save_integer_model`
 
 ``out/manifest.json`` (written atomically: temp file + rename) holds the run's configuration, the model's
 fingerprint and, per finished stage, its wall time and metrics. A stage counts as done only once its artifact
@@ -37,9 +38,11 @@ import torch
 import torch.nn as nn
 
 from . import distributed as zdist
+from .convert import convert_to_integer
 from .finetune import finetune
 from .finetune.trainer import DEFAULTS as FINETUNE_DEFAULTS
 from .finetune.trainer import evaluate
+from .integer_io import save_integer_model
 from .nn.quant_layers import resolve_bits
 from .quantize_model import calibrate, quantize_model
 from .synthesis import SyntheticDataset, synthesize
@@ -184,7 +187,7 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
         epochs, batch_size, finetune_options: :func:`zsqfast.finetune` (its DEFAULTS, e.g. ``lr``,
             ``calib_batches``, also set the calibration of the round-to-nearest model).
         out: directory for every artifact and the manifest; None keeps everything in memory.
-        export: also build the integer model (needs :func:`zsqfast.convert_to_integer`).
+        export: also build the integer model (:func:`zsqfast.convert_to_integer`) and save it.
         seed: every random choice derives from it.
         first_last_bits: weight bits of the first and last layer (default ``w_bits``).
         data: use this synthetic set instead of synthesizing (a synthesize() directory, a SyntheticDataset
@@ -197,7 +200,7 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     Returns:
         :class:`QuantizeResult`.
     Raises:
-        ValueError: bad bits / method / budget, an ``out`` holding another run, export without integer support.
+        ValueError: bad bits / method / budget, an ``out`` holding another run.
     """
     wb, ab = resolve_bits(w_bits, "w_bits", allow_float=False), resolve_bits(a_bits, "a_bits", allow_float=False)
     if method not in ("synq", "kd"):
@@ -208,14 +211,6 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     unknown = set(ft_opts) - set(FINETUNE_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown fine-tuning options {sorted(unknown)}; known: {sorted(FINETUNE_DEFAULTS)}")
-    convert = None
-    if export:
-        import zsqfast
-
-        convert = getattr(zsqfast, "convert_to_integer", None)
-        if convert is None:
-            raise ValueError("export=True needs zsqfast.convert_to_integer (integer inference, issue 3), which this "
-                             "build lacks; run without export, or update zsqfast")
     out = Path(out) if out is not None else None
     if out is None and zdist.world_size() > 1:
         raise ValueError("under torchrun quantize() needs out=: the ranks share rank 0's artifacts through it")
@@ -297,10 +292,10 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
         integer_model = None
         if export:
             t0 = time.perf_counter()
-            integer_model = convert(copy.deepcopy(qmodel).eval())
+            integer_model = convert_to_integer(copy.deepcopy(qmodel).eval())
             if out is not None and zdist.rank() == 0:
-                save_model(out / "integer_model.pt", integer_model, config)
-            man.finish("export", time.perf_counter() - t0, artifact="integer_model.pt")
+                save_integer_model(integer_model, out / "integer_model.safetensors")
+            man.finish("export", time.perf_counter() - t0, artifact="integer_model.safetensors")
         for stage in STAGES:
             if man.done(stage):
                 metrics[f"{stage}_time_s"] = man.data["stages"][stage]["time_s"]

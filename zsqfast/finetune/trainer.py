@@ -26,6 +26,7 @@ reported (no selection of the best epoch on test data).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -156,8 +157,26 @@ def finetune(fp_model: nn.Module, q_model: nn.Module, dataset, *, method: str = 
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError("dataset must hold as many labels as images, at least one")
     fp_model.eval()
-    for p in fp_model.parameters():
-        p.requires_grad_(False)
+    with teacher_frozen(fp_model):  # no weight gradients for the teacher; its flags are restored afterwards
+        return _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, seed, eval_data, out,
+                         progress, stop_after, opt)
+
+
+@contextlib.contextmanager
+def teacher_frozen(model: nn.Module):
+    """Switch ``requires_grad`` off on ``model``'s parameters for the block; restore each flag on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, seed, eval_data, out, progress,
+              stop_after, opt) -> dict:
     params = [p for p in q_model.parameters() if p.requires_grad]
     sgd = torch.optim.SGD(params, lr=opt["lr"], momentum=opt["momentum"], nesterov=True,
                           weight_decay=opt["weight_decay"])
