@@ -205,3 +205,20 @@ def test_raw_kernel_errors():
     with pytest.raises(RuntimeError, match="groups"):
         ext.lowbit_conv2d(torch.zeros(1, 3, 5, 5), wp, 4, 10, s4, z4, c4, one, one, z, 4, None, [3, 3], [1, 1],
                           [0, 0], [1, 1], 1)
+
+
+@pytest.mark.parametrize("M,K", [(1, 3), (13, 129), (29, 1100)])
+def test_nan_raises_from_the_kernel_every_isa(cpu_isa, M, K):
+    """The C++ path flags NaN in its quantization pass (no Python isnan pass): same ValueError as the reference."""
+    g = torch.Generator().manual_seed(K)
+    wp, sw, zw, cw = weight(8, K, 4, g)
+    x = torch.randn(M, K, generator=g)
+    x[M - 1, K - 1] = float("nan")  # the last element: the tail of the last row (or register block)
+    sa, za = torch.tensor([0.1]), torch.tensor([7], dtype=torch.int32)
+    for backend in ("cpp", "reference"):
+        with zsqfast.use_backend(backend), pytest.raises(ValueError, match="NaN"):
+            zsqfast.lowbit_linear(x, wp, sw, zw, cw, sa, za, 4, 4, K)
+        xc = x.reshape(1, M, K, 1)  # a 1x1 convolution over M channels of K pixels
+        wc = weight(8, M, 4, g)
+        with zsqfast.use_backend(backend), pytest.raises(ValueError, match="NaN"):
+            zsqfast.lowbit_conv2d(xc, *wc, sa, za, 4, 4, 1)

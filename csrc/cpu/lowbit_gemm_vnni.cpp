@@ -16,11 +16,10 @@ inline __m512i bcast4(const uint8_t* p) {
   return _mm512_set1_epi32(v);
 }
 
-constexpr int MR = 8;         // rows of the register block (16 accumulators: measured 1.8x faster on Zen 4
-                              // than 12 x 32 with 24 accumulators, 365 vs 200 GMAC/s a core, L1-resident)
+// MR = 8 rows of the register block (16 accumulators: measured 1.8x faster on Zen 4 than 12 x 32 with 24
+// accumulators, 365 vs 200 GMAC/s a core, L1-resident)
 constexpr int64_t kKc = 512;  // K block of the panel (KC x NR bytes = 16 KiB: L1-resident)
 
-// tile (R x NR) = packed A block ([k4n][MR][4] bytes, rows < R used) x panel ([k4n][NR][4]).
 // tile (R x NR) = packed A block ([k4n][MR][4] bytes, rows < R used) x panel ([k4n][NR][4]).
 template <int R>
 __attribute__((noinline)) void ukr(const uint8_t* a, const uint8_t* panel, int64_t k4n, int32_t* tile) {
@@ -166,10 +165,11 @@ void gemm(const Ctx& x) {
   const int threads = threads_for(np);
   // A in register-block order: block i, group q, row r -> packed[(i * Kp / 4 + q) * MR * 4 + r * 4 .. + 4]
   const int64_t nblk = (M + MR - 1) / MR;
-  std::vector<uint8_t> packed(static_cast<size_t>(nblk * MR * Kp));
-  const int pthreads = threads_for(std::max<int64_t>(1, M * Kp / 65536));
+  std::vector<uint8_t, NoInit<uint8_t>> own(x.A.blocked ? 0 : size_t(nblk * MR * Kp));
+  const uint8_t* packed = x.A.blocked ? x.A.codes.data() : own.data();  // blocked: quantized in this order
+  const int pthreads = x.A.blocked ? 1 : threads_for(std::max<int64_t>(1, M * Kp / 65536));
 #pragma omp parallel for schedule(static) num_threads(pthreads) if (pthreads > 1)
-  for (int64_t i = 0; i < nblk; ++i) {
+  for (int64_t i = 0; i < (x.A.blocked ? 0 : nblk); ++i) {
     if (x.A.kmajor) {  // 4 K-rows x 8 pixels -> 8 x 4 bytes: a byte transpose of 32 bytes per group
       const int64_t ld = x.A.ldk;
       for (int64_t q = 0; q < Kp / 4; ++q) {
@@ -179,7 +179,7 @@ void gemm(const Ctx& x) {
         const __m128i r2 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s0 + 2 * ld));
         const __m128i r3 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s0 + 3 * ld));
         const __m128i a = _mm_unpacklo_epi8(r0, r1), b = _mm_unpacklo_epi8(r2, r3);
-        uint8_t* d = packed.data() + (i * Kp / 4 + q) * MR * 4;
+        uint8_t* d = own.data() + (i * Kp / 4 + q) * MR * 4;
         _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm_unpacklo_epi16(a, b));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 16), _mm_unpackhi_epi16(a, b));
       }
@@ -187,7 +187,7 @@ void gemm(const Ctx& x) {
     }
     for (int r = 0; r < MR; ++r) {
       const uint32_t* src = reinterpret_cast<const uint32_t*>(x.A.codes.data() + (i * MR + r) * Kp);
-      uint32_t* dst = reinterpret_cast<uint32_t*>(packed.data() + i * MR * Kp) + r;
+      uint32_t* dst = reinterpret_cast<uint32_t*>(own.data() + i * MR * Kp) + r;
       for (int64_t q = 0; q < Kp / 4; ++q) dst[q * MR] = src[q];
     }
   }
@@ -203,7 +203,7 @@ void gemm(const Ctx& x) {
         const int64_t q0 = k0 / 4, k4n = std::min<int64_t>(kKc, Kp - k0) / 4;
         for (int64_t m0 = 0; m0 < M; m0 += MR) {
           const int64_t mr = std::min<int64_t>(MR, M - m0);
-          const uint8_t* a = packed.data() + m0 * Kp + q0 * MR * 4;
+          const uint8_t* a = packed + m0 * Kp + q0 * MR * 4;
           const uint8_t* b = panel.data() + q0 * NR * 4;
           int32_t* tile = tiles.data() + m0 * NR;
           block(a, b, k4n, mr, tile, k0 > 0);
@@ -254,28 +254,41 @@ struct Gemv {
 };
 void gemv(const Ctx& x) { gemv_rows<Gemv>(x); }
 
-void quantize(const float* x, int64_t K, float inv, int32_t za, int bits, uint8_t* out, int32_t* rowsum) {
+bool quantize(const float* x, int64_t K, int64_t Kp, float inv, int32_t za, int bits, uint8_t* out, int64_t stride,
+              int32_t* rowsum) {
   const __m512 vinv = _mm512_set1_ps(inv), vza = _mm512_set1_ps(float(za)), hi = _mm512_set1_ps(float((1 << bits) - 1));
   const __m512 zero = _mm512_setzero_ps();
   __m512i sum = _mm512_setzero_si512();
-  for (int64_t k = 0; k < K; k += 16) {
-    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
-    __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k), vinv);
+  __mmask16 nan = 0;
+  for (int64_t k = 0; k < Kp; k += 16) {
+    const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : K > k ? __mmask16((1u << (K - k)) - 1) : __mmask16(0);
+    const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
+    nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+    __m512 v = _mm512_mul_ps(xv, vinv);
     v = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vza);
     const __m512i q = _mm512_maskz_mov_epi32(m, _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(v, zero))));
     sum = _mm512_add_epi32(sum, q);
-    _mm512_mask_cvtepi32_storeu_epi8(out + k, m, q);
+    const __m128i b = _mm512_cvtepi32_epi8(q);  // 16 codes = 4 groups of 4
+    uint8_t* o = out + (k / 4) * stride;
+    if (stride == 4) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(o), b);
+    } else {
+      const int32_t g[4] = {_mm_extract_epi32(b, 0), _mm_extract_epi32(b, 1), _mm_extract_epi32(b, 2),
+                            _mm_extract_epi32(b, 3)};
+      for (int i = 0; i < 4; ++i) std::memcpy(o + i * stride, g + i, 4);
+    }
   }
   *rowsum = _mm512_reduce_add_epi32(sum);
+  return nan == 0;
 }
-
 
 }  // namespace
 
 void run_gemm(const Ctx& x) { gemm(x); }
 void run_gemv(const Ctx& x) { gemv(x); }
-void quantize_row(const float* x, int64_t K, float inv, int32_t za, int bits, uint8_t* out, int32_t* rowsum) {
-  quantize(x, K, inv, za, bits, out, rowsum);
+bool quantize_row(const float* x, int64_t K, int64_t Kp, float inv, int32_t za, int bits, uint8_t* out, int64_t stride,
+                  int32_t* rowsum) {
+  return quantize(x, K, Kp, inv, za, bits, out, stride, rowsum);
 }
 
 }  // namespace zsqfast::cpu::lowbit::vnni

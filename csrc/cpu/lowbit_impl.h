@@ -12,6 +12,7 @@ namespace zsqfast::cpu::lowbit {
 
 
 inline constexpr int NR = 32;          // weight panel columns
+inline constexpr int MR = 8;           // rows of the VNNI register block (the blocked form of Acts)
 constexpr int kRowPad = 8;      // activation rows are allocated in multiples of the largest row block
 constexpr int64_t kGemvRows = 4;
 
@@ -135,12 +136,14 @@ inline void scalar_run(const Ctx& x) {
 }
 
 
-// The SIMD kernels (lowbit_gemm_vnni.cpp, lowbit_gemm_avx2.cpp): GEMM (M > kGemvRows), GEMV, one row's codes.
+// The SIMD kernels (lowbit_gemm_vnni.cpp, lowbit_gemm_avx2.cpp): GEMM (M > kGemvRows), GEMV, one row's codes
+// (quantize_row: codes k < Kp, zero from K on, code k at out[(k / 4) * stride + k % 4]; false on a NaN).
 #define ZSQ_LOWBIT_ISA(ns)                                                                                  \
   namespace ns {                                                                                            \
   void run_gemm(const Ctx& x);                                                                              \
   void run_gemv(const Ctx& x);                                                                              \
-  void quantize_row(const float* x, int64_t K, float inv, int32_t za, int bits, uint8_t* out, int32_t* rowsum); \
+  bool quantize_row(const float* x, int64_t K, int64_t Kp, float inv, int32_t za, int bits, uint8_t* out,      \
+                    int64_t stride, int32_t* rowsum);                                                         \
   }
 ZSQ_LOWBIT_ISA(vnni)
 ZSQ_LOWBIT_ISA(avx2)
