@@ -33,6 +33,8 @@ struct Ctx {
   bool narrow;
   std::vector<int64_t> d64;  // K zw - cw
   std::vector<int32_t> d32;  // the same, wrapped to int32 (used when narrow)
+  std::vector<int32_t> zd32;  // per tensor: za d32 (wrapped), the row-independent epilogue term
+  std::vector<float> s;       // per tensor: fp32(sa * sw)
   Ctx(const Gemm& g_, const Acts& A_) : g(g_), A(A_), narrow(true) {
     if (!g.y) return;
     narrow = narrow_epilogue(g, g.per_token ? A.M : 1);
@@ -41,6 +43,13 @@ struct Ctx {
     for (int64_t n = 0; n < g.N; ++n) {
       d64[size_t(n)] = g.K * int64_t(g.zw[n]) - int64_t(g.cw[n]);
       d32[size_t(n)] = int32_t(uint32_t(uint64_t(d64[size_t(n)])));
+    }
+    if (g.per_token) return;
+    zd32.resize(size_t(g.N));
+    s.resize(size_t(g.N));
+    for (int64_t n = 0; n < g.N; ++n) {
+      zd32[size_t(n)] = int32_t(uint32_t(g.za[0]) * uint32_t(d32[size_t(n)]));
+      s[size_t(n)] = g.sa[0] * g.sw[n];
     }
   }
   int64_t pick(int64_t m) const { return g.per_token ? m : 0; }
