@@ -257,6 +257,7 @@ bool quantize(const float* x, int64_t K, int64_t Kp, float inv, int32_t za, int 
   __mmask16 nan = 0;
   for (int64_t k = 0; k < Kp; k += 16) {
     const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : K > k ? __mmask16((1u << (K - k)) - 1) : __mmask16(0);
+    _mm_prefetch(reinterpret_cast<const char*>(x + k) + 4096, _MM_HINT_T0);  // x streams from memory: 4 KiB ahead
     const __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
     nan |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
     __m512 v = _mm512_mul_ps(xv, vinv);
