@@ -41,8 +41,9 @@ def weight(N, K, bits, g, zw_range=None):
     return pack_lowbit(q, bits), sw, zw, q.sum(1).int()
 
 
-# M, N, K: M = 1 / GEMV rows / register-block tails, odd N, K < 4, K not a multiple of 128, K > KC
-GEMM_SHAPES = [(1, 7, 3), (2, 33, 130), (4, 5, 1), (5, 31, 257), (13, 70, 129), (16, 64, 600), (29, 97, 1100)]
+# M, N, K: M = 1 / GEMV rows / register-block tails, odd N, K < 4, K not a multiple of 128, long K
+GEMM_SHAPES = [(1, 7, 3), (2, 33, 130), (4, 5, 1), (5, 31, 257), (13, 70, 129), (16, 64, 600), (29, 97, 1100),
+               (9, 150, 300)]  # 5 panels: a partial panel group
 BITS = [(4, 4), (3, 3), (2, 2), (8, 8), (5, 7), (2, 8), (8, 2), (6, 6), (7, 8)]  # (w_bits, a_bits)
 
 
