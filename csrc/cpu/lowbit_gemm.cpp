@@ -9,9 +9,11 @@
 //                 2 * amax * |w|max <= 32767, i.e. every combination but A8W7, A8W8 and A7W8 (those run scalar).
 //   scalar        plain int32 loops (the fallback and the reference of the two above).
 // Shapes: M <= kGemvRows runs a streaming GEMV (packed weights read once, unpacked in registers: one AND and
-// one shift per 64 bytes, see zsqfast/ops/lowbit_pack.py); larger M re-lays a panel of 32 weight columns into
-// [K/4][32][4] (L2-resident) and reuses it across all rows with a register-blocked microkernel (8 x 32 int32
-// accumulators on AVX-512, 4 x 16 on AVX2) that broadcasts 4 activation bytes.
+// one shift per 64 bytes, see zsqfast/ops/lowbit_pack.py); larger M re-lays panels of 32 weight columns into
+// [K/4][32][4] (L2-resident, once per call) and reuses them across all rows with a register-blocked microkernel
+// (8 x 32 int32 accumulators on AVX-512, 4 x 16 on AVX2) that broadcasts 4 activation bytes. On the VNNI path
+// lowbit_linear quantizes the activations straight into that microkernel's row-block order (quantize_rows).
+// NaN activations are detected in the quantization pass (the entries return false).
 #ifdef _OPENMP
 #include <omp.h>
 #endif
