@@ -94,10 +94,16 @@ void depthwise(const Conv& c, const lowbit::Acts& codes) {
 void im2col(const Conv& c, const uint8_t* planes, int64_t lda, uint8_t pad, lowbit::Acts& A) {
   const int64_t P = c.Ho * c.Wo, ld = A.ldk;
   const int threads = lowbit::threads_for(std::max<int64_t>(1, P * c.K / 65536));
+  // a 1x1 convolution with stride 1 and no padding: each K-row is a whole plane (one copy)
+  const bool plain = c.kh == 1 && c.kw == 1 && c.sh == 1 && c.sw == 1 && c.ph == 0 && c.pw == 0;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t k = 0; k < c.K; ++k) {
     const int64_t ci = k / (c.kh * c.kw), i = (k / c.kw) % c.kh, j = k % c.kw;
     uint8_t* dst = A.codes.data() + k * ld;
+    if (plain) {
+      std::memcpy(dst, planes + k * lda, size_t(P));
+      continue;
+    }
     // output columns whose tap lies inside the row: iw = ow sw - pw + j dw in [0, W)
     const int64_t off = j * c.dw - c.pw;
     const int64_t lo = std::clamp<int64_t>(off >= 0 ? 0 : (-off + c.sw - 1) / c.sw, 0, c.Wo);
