@@ -149,9 +149,15 @@ bool lowbit_linear(const float* x, const uint8_t* w, int w_bits, int64_t M, int6
                    const float* w_scale, const int32_t* w_zero, const int32_t* w_colsum, const float* a_scale,
                    const float* a_inv_scale, const int32_t* a_zero, bool per_token, int a_bits, const float* bias,
                    float* y) {
-  // The activation codes live in a per-thread buffer kept between calls (its size: the largest M x K_pad bytes
-  // seen, e.g. 4 MiB at M = 1024, K = 4096): no page faults and no allocation per call.
+  // The activation codes live in a per-thread buffer kept between calls (M x K_pad bytes, e.g. 4 MiB at M = 1024,
+  // K = 4096; released after a call that needed more than 16 MiB): no page faults and no allocation per call.
   thread_local lowbit::Acts acts;
+  struct Release {
+    lowbit::Acts& a;
+    ~Release() {
+      if (a.codes.capacity() > (size_t(16) << 20)) a = lowbit::Acts();
+    }
+  } release{acts};
   if (!lowbit::quantize_rows(x, K, M, K, a_inv_scale, a_zero, per_token, a_bits, acts,
                              lowbit::blocked_gemm(a_bits, w_bits, M)))
     return false;
