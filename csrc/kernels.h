@@ -45,14 +45,15 @@ void circular_conv_sep(const float* x, float* out, int64_t planes, int64_t H, in
 void lowbit_gemm(const uint8_t* a, const uint8_t* w, int w_bits, int64_t M, int64_t N, int64_t K, int32_t* acc);
 // y (M, N) fp32 = fp32(sum_k (ua - za)(uw - zw)) * fp32(sa * sw) + bias, ua the codes of x (M, K) fp32:
 // clamp(rne(x * a_inv_scale) + a_zero, 0, 2^a_bits - 1). a_*: 1 value (per tensor) or M (per_token); w_*
-// and bias (nullable): N values; w_colsum = sum_k uw.
-void lowbit_linear(const float* x, const uint8_t* w, int w_bits, int64_t M, int64_t N, int64_t K,
+// and bias (nullable): N values; w_colsum = sum_k uw. Returns false (y unwritten) when x holds a NaN.
+bool lowbit_linear(const float* x, const uint8_t* w, int w_bits, int64_t M, int64_t N, int64_t K,
                    const float* w_scale, const int32_t* w_zero, const int32_t* w_colsum, const float* a_scale,
                    const float* a_inv_scale, const int32_t* a_zero, bool per_token, int a_bits, const float* bias,
                    float* y);
 // y (B, OC, Ho, Wo) fp32 = the integer convolution of zsqfast/ops/lowbit_conv2d.py of x (B, C, H, W) fp32
 // (activations per tensor), weights (OC, C/groups * kh * kw) packed; geom = {kh, kw, sh, sw, ph, pw, dh, dw}.
-void lowbit_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, const uint8_t* w, int w_bits,
+// Returns false (y unwritten) when x holds a NaN.
+bool lowbit_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, const uint8_t* w, int w_bits,
                    int64_t OC, const float* w_scale, const int32_t* w_zero, const int32_t* w_colsum, float a_scale,
                    float a_inv_scale, int32_t a_zero, int a_bits, const float* bias, const int64_t* geom,
                    int64_t groups, float* y);

@@ -326,10 +326,11 @@ at::Tensor lowbit_linear(const at::Tensor& x, const at::Tensor& w_packed, int64_
   const bool per_token = check_lowbit_params(N, x.size(0), w_scale, w_zero, w_colsum, a_scale, a_inv_scale, a_zero,
                                              a_bits, bias);
   at::Tensor y = at::empty({x.size(0), N}, x.options());
-  cpu::lowbit_linear(x.data_ptr<float>(), w_packed.data_ptr<uint8_t>(), int(w_bits), x.size(0), N, K,
+  const bool ok = cpu::lowbit_linear(x.data_ptr<float>(), w_packed.data_ptr<uint8_t>(), int(w_bits), x.size(0), N, K,
                      w_scale.data_ptr<float>(), w_zero.data_ptr<int32_t>(), w_colsum.data_ptr<int32_t>(),
                      a_scale.data_ptr<float>(), a_inv_scale.data_ptr<float>(), a_zero.data_ptr<int32_t>(), per_token,
                      int(a_bits), bias.has_value() ? bias->data_ptr<float>() : nullptr, y.data_ptr<float>());
+  TORCH_CHECK_VALUE(ok, "x contains NaN: integer activations have no NaN code");
   return y;
 }
 
@@ -355,11 +356,12 @@ at::Tensor lowbit_conv2d(const at::Tensor& x, const at::Tensor& w_packed, int64_
   const int64_t Wo = (W + 2 * geom[5] - geom[7] * (geom[1] - 1) - 1) / geom[3] + 1;
   TORCH_CHECK(Ho >= 1 && Wo >= 1, "zsqfast: the kernel does not fit the input");
   at::Tensor y = at::empty({x.size(0), OC, Ho, Wo}, x.options());
-  cpu::lowbit_conv2d(x.data_ptr<float>(), x.size(0), C, H, W, w_packed.data_ptr<uint8_t>(), int(w_bits), OC,
+  const bool ok = cpu::lowbit_conv2d(x.data_ptr<float>(), x.size(0), C, H, W, w_packed.data_ptr<uint8_t>(), int(w_bits), OC,
                      w_scale.data_ptr<float>(), w_zero.data_ptr<int32_t>(), w_colsum.data_ptr<int32_t>(),
                      a_scale.data_ptr<float>()[0], a_inv_scale.data_ptr<float>()[0], a_zero.data_ptr<int32_t>()[0],
                      int(a_bits), bias.has_value() ? bias->data_ptr<float>() : nullptr, geom, groups,
                      y.data_ptr<float>());
+  TORCH_CHECK_VALUE(ok, "x contains NaN: integer activations have no NaN code");
   return y;
 }
 

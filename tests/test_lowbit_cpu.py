@@ -41,8 +41,9 @@ def weight(N, K, bits, g, zw_range=None):
     return pack_lowbit(q, bits), sw, zw, q.sum(1).int()
 
 
-# M, N, K: M = 1 / GEMV rows / register-block tails, odd N, K < 4, K not a multiple of 128, K > KC
-GEMM_SHAPES = [(1, 7, 3), (2, 33, 130), (4, 5, 1), (5, 31, 257), (13, 70, 129), (16, 64, 600), (29, 97, 1100)]
+# M, N, K: M = 1 / GEMV rows / register-block tails, odd N, K < 4, K not a multiple of 128, long K
+GEMM_SHAPES = [(1, 7, 3), (2, 33, 130), (4, 5, 1), (5, 31, 257), (13, 70, 129), (16, 64, 600), (29, 97, 1100),
+               (9, 150, 300)]  # 5 panels: a partial panel group
 BITS = [(4, 4), (3, 3), (2, 2), (8, 8), (5, 7), (2, 8), (8, 2), (6, 6), (7, 8)]  # (w_bits, a_bits)
 
 
@@ -205,3 +206,20 @@ def test_raw_kernel_errors():
     with pytest.raises(RuntimeError, match="groups"):
         ext.lowbit_conv2d(torch.zeros(1, 3, 5, 5), wp, 4, 10, s4, z4, c4, one, one, z, 4, None, [3, 3], [1, 1],
                           [0, 0], [1, 1], 1)
+
+
+@pytest.mark.parametrize("M,K", [(1, 3), (13, 129), (29, 1100)])
+def test_nan_raises_from_the_kernel_every_isa(cpu_isa, M, K):
+    """The C++ path flags NaN in its quantization pass (no Python isnan pass): same ValueError as the reference."""
+    g = torch.Generator().manual_seed(K)
+    wp, sw, zw, cw = weight(8, K, 4, g)
+    x = torch.randn(M, K, generator=g)
+    x[M - 1, K - 1] = float("nan")  # the last element: the tail of the last row (or register block)
+    sa, za = torch.tensor([0.1]), torch.tensor([7], dtype=torch.int32)
+    for backend in ("cpp", "reference"):
+        with zsqfast.use_backend(backend), pytest.raises(ValueError, match="NaN"):
+            zsqfast.lowbit_linear(x, wp, sw, zw, cw, sa, za, 4, 4, K)
+        xc = x.reshape(1, M, K, 1)  # a 1x1 convolution over M channels of K pixels
+        wc = weight(8, M, 4, g)
+        with zsqfast.use_backend(backend), pytest.raises(ValueError, match="NaN"):
+            zsqfast.lowbit_conv2d(xc, *wc, sa, za, 4, 4, 1)

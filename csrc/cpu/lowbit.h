@@ -3,6 +3,7 @@
 // which follows the reference's order: y = fp32(c) * fp32(sa * sw) + bias.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace zsqfast::cpu::lowbit {
@@ -13,11 +14,18 @@ inline int64_t padded_k(int64_t K) { return (K + kBlockK - 1) / kBlockK * kBlock
 // Activation codes in the engine's form: rows of `lda` (a multiple of 128, >= K) bytes, columns >= K zero,
 // `rows` >= M allocated rows (the tail rows are zero: the register-blocked kernel reads whole row blocks).
 // K-major form (kmajor, from the convolution's im2col): codes[k * ldk + m], k < lda, ldk = M rounded up to 8.
+// Blocked form (blocked, quantized straight into the VNNI GEMM's register-block order, see lowbit_gemm_vnni.cpp):
+// code (m, k) at codes[((m / 8) * lda / 4 + k / 4) * 32 + (m % 8) * 4 + k % 4].
+template <class T>
+struct NoInit : std::allocator<T> {  // vector storage that resize() leaves uninitialized (every byte is written)
+  template <class U> struct rebind { using other = NoInit<U>; };
+  template <class U> void construct(U* p) noexcept { ::new (static_cast<void*>(p)) U; }
+};
 struct Acts {
-  std::vector<uint8_t> codes;
+  std::vector<uint8_t, NoInit<uint8_t>> codes;
   std::vector<int32_t> rowsum;  // ra[m] = sum_k codes[m, k]
   int64_t M = 0, lda = 0, ldk = 0;
-  bool kmajor = false;
+  bool kmajor = false, blocked = false;
   void resize(int64_t M_, int64_t K);          // row-major, zero-filled
   void resize_kmajor(int64_t M_, int64_t K);   // K-major, zero-filled
   uint8_t* row(int64_t m) { return codes.data() + m * lda; }
@@ -50,10 +58,14 @@ int threads_for(int64_t items);
 // y or acc for rows [0, acts.M) of `acts` (threads over output columns; exact on every ISA level).
 void run(const Gemm& g, const Acts& acts);
 
-// codes of rows [0, M) of x (row stride ldx floats, K values) into acts (resized here), with row sums:
-// clamp(rne(x * inv[m]) + za[m], 0, 2^bits - 1) in fp32 (inv / za: 1 element or M).
-void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const float* inv, const int32_t* za,
-                   bool per_token, int bits, Acts& acts);
+// codes of rows [0, M) of x (row stride ldx floats, K values) into acts (resized here, row-major or, when
+// `blocked`, in the blocked form), with row sums: clamp(rne(x * inv[m]) + za[m], 0, 2^bits - 1) in fp32
+// (inv / za: 1 element or M). Returns false when x holds a NaN (which has no code).
+bool quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const float* inv, const int32_t* za,
+                   bool per_token, int bits, Acts& acts, bool blocked = false);
+
+// Whether run() takes the VNNI register-blocked GEMM for M rows (which reads the blocked form directly).
+bool blocked_gemm(int a_bits, int w_bits, int64_t M);
 
 // Does |sum_k (ua - za)(uw - zw)| < 2^31 hold for every row and column? (Then the epilogue may use
 // wrapping int32 arithmetic: the exact result fits, so the wrapped one equals it.)

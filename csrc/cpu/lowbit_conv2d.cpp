@@ -94,10 +94,16 @@ void depthwise(const Conv& c, const lowbit::Acts& codes) {
 void im2col(const Conv& c, const uint8_t* planes, int64_t lda, uint8_t pad, lowbit::Acts& A) {
   const int64_t P = c.Ho * c.Wo, ld = A.ldk;
   const int threads = lowbit::threads_for(std::max<int64_t>(1, P * c.K / 65536));
+  // a 1x1 convolution with stride 1 and no padding: each K-row is a whole plane (one copy)
+  const bool plain = c.kh == 1 && c.kw == 1 && c.sh == 1 && c.sw == 1 && c.ph == 0 && c.pw == 0;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
   for (int64_t k = 0; k < c.K; ++k) {
     const int64_t ci = k / (c.kh * c.kw), i = (k / c.kw) % c.kh, j = k % c.kw;
     uint8_t* dst = A.codes.data() + k * ld;
+    if (plain) {
+      std::memcpy(dst, planes + k * lda, size_t(P));
+      continue;
+    }
     // output columns whose tap lies inside the row: iw = ow sw - pw + j dw in [0, W)
     const int64_t off = j * c.dw - c.pw;
     const int64_t lo = std::clamp<int64_t>(off >= 0 ? 0 : (-off + c.sw - 1) / c.sw, 0, c.Wo);
@@ -204,7 +210,7 @@ void gemm_conv(const Conv& c, const lowbit::Acts& codes) {
 
 }  // namespace
 
-void lowbit_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, const uint8_t* w, int w_bits,
+bool lowbit_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, const uint8_t* w, int w_bits,
                    int64_t OC, const float* w_scale, const int32_t* w_zero, const int32_t* w_colsum, float a_scale,
                    float a_inv_scale, int32_t a_zero, int a_bits, const float* bias, const int64_t* geom,
                    int64_t groups, float* y) {
@@ -214,13 +220,14 @@ void lowbit_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, c
   c.K = c.Cg * c.kh * c.kw;
   c.Ho = (H + 2 * c.ph - c.dh * (c.kh - 1) - 1) / c.sh + 1;
   c.Wo = (W + 2 * c.pw - c.dw * (c.kw - 1) - 1) / c.sw + 1;
-  if (B <= 0 || OC <= 0 || c.Ho <= 0 || c.Wo <= 0) return;
+  if (B <= 0 || OC <= 0 || c.Ho <= 0 || c.Wo <= 0) return true;
   lowbit::Acts codes;  // one row of codes per (image, channel) plane
-  lowbit::quantize_rows(x, H * W, B * C, H * W, &a_inv_scale, &a_zero, false, a_bits, codes);
+  if (!lowbit::quantize_rows(x, H * W, B * C, H * W, &a_inv_scale, &a_zero, false, a_bits, codes)) return false;
   const long double bd = bound(c);
-  if (c.Cg == 1 && bd < 2147483648.0L) return depthwise<int32_t>(c, codes);
-  if (c.Cg == 1 && bd < 4611686018427387904.0L) return depthwise<int64_t>(c, codes);
-  gemm_conv(c, codes);
+  if (c.Cg == 1 && bd < 2147483648.0L) depthwise<int32_t>(c, codes);
+  else if (c.Cg == 1 && bd < 4611686018427387904.0L) depthwise<int64_t>(c, codes);
+  else gemm_conv(c, codes);
+  return true;
 }
 
 }  // namespace zsqfast::cpu

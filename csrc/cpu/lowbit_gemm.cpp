@@ -9,9 +9,11 @@
 //                 2 * amax * |w|max <= 32767, i.e. every combination but A8W7, A8W8 and A7W8 (those run scalar).
 //   scalar        plain int32 loops (the fallback and the reference of the two above).
 // Shapes: M <= kGemvRows runs a streaming GEMV (packed weights read once, unpacked in registers: one AND and
-// one shift per 64 bytes, see zsqfast/ops/lowbit_pack.py); larger M re-lays a panel of 32 weight columns into
-// [K/4][32][4] (L2-resident) and reuses it across all rows with a register-blocked microkernel (8 x 32 int32
-// accumulators on AVX-512, 4 x 16 on AVX2) that broadcasts 4 activation bytes.
+// one shift per 64 bytes, see zsqfast/ops/lowbit_pack.py); larger M re-lays panels of 32 weight columns into
+// [K/4][32][4] (L2-resident, once per call) and reuses them across all rows with a register-blocked microkernel
+// (8 x 32 int32 accumulators on AVX-512, 4 x 16 on AVX2) that broadcasts 4 activation bytes. On the VNNI path
+// lowbit_linear quantizes the activations straight into that microkernel's row-block order (quantize_rows).
+// NaN activations are detected in the quantization pass (the entries return false).
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -59,33 +61,52 @@ bool narrow_epilogue(const Gemm& g, int64_t n_za) {
   return (long double)(g.K) * da * dw < 2147483648.0L;
 }
 
-void quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const float* inv, const int32_t* za,
-                   bool per_token, int bits, Acts& acts) {
-  acts.resize(M, K);
+bool blocked_gemm(int a_bits, int w_bits, int64_t M) {
+  return path_for(a_bits, w_bits) == Path::Vnni && M > kGemvRows;
+}
+
+bool quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const float* inv, const int32_t* za,
+                   bool per_token, int bits, Acts& acts, bool blocked) {
+  const int64_t Kp = padded_k(K), rows = (M + kRowPad - 1) / kRowPad * kRowPad;
+  acts.M = M;
+  acts.lda = Kp;
+  acts.ldk = 0;
+  acts.kmajor = false;
+  acts.blocked = blocked;
+  acts.codes.clear();
+  acts.codes.resize(size_t(rows * Kp));  // uninitialized: every code below is written, the pad rows zeroed
+  const int64_t pad_from = blocked ? M / MR * MR : M;  // a partial last register block is zeroed whole
+  std::memset(acts.codes.data() + pad_from * Kp, 0, size_t((rows - pad_from) * Kp));
+  acts.rowsum.assign(size_t(M), 0);
   const Isa isa = active_isa();
   const int threads = threads_for(std::max<int64_t>(1, M * K / 65536));
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+  bool ok = true;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1) reduction(&& : ok)
   for (int64_t m = 0; m < M; ++m) {
     const float iv = inv[per_token ? m : 0];
     const int32_t z = za[per_token ? m : 0];
     const float* xr = x + m * ldx;
-    uint8_t* out = acts.row(m);
+    uint8_t* out = blocked ? acts.codes.data() + (m / MR) * MR * Kp + (m % MR) * 4 : acts.row(m);
+    const int64_t stride = blocked ? MR * 4 : 4;
+    int32_t* rs = &acts.rowsum[size_t(m)];
     if (isa >= Isa::Avx512) {
-      vnni::quantize_row(xr, K, iv, z, bits, out, &acts.rowsum[size_t(m)]);
+      ok = vnni::quantize_row(xr, K, Kp, iv, z, bits, out, stride, rs) && ok;
     } else if (isa == Isa::Avx2) {
-      avx2::quantize_row(xr, K, iv, z, bits, out, &acts.rowsum[size_t(m)]);
+      ok = avx2::quantize_row(xr, K, Kp, iv, z, bits, out, stride, rs) && ok;
     } else {
       const float fh = float((1 << bits) - 1);
       int32_t s = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const float v = std::nearbyint(xr[k] * iv) + float(z);
+      for (int64_t k = 0; k < Kp; ++k) {
+        ok = ok && !(k < K && std::isnan(xr[k]));
+        const float v = k < K ? std::nearbyint(xr[k] * iv) + float(z) : 0.0f;
         const int32_t q = int32_t(v > 0.0f ? (v < fh ? v : fh) : 0.0f);
-        out[k] = uint8_t(q);
+        out[(k >> 2) * stride + (k & 3)] = uint8_t(q);
         s += q;
       }
-      acts.rowsum[size_t(m)] = s;
+      *rs = s;
     }
   }
+  return ok;
 }
 
 void run(const Gemm& g, const Acts& acts) {
@@ -124,12 +145,22 @@ void lowbit_gemm(const uint8_t* a, const uint8_t* w, int w_bits, int64_t M, int6
   lowbit::run(g, acts);
 }
 
-void lowbit_linear(const float* x, const uint8_t* w, int w_bits, int64_t M, int64_t N, int64_t K,
+bool lowbit_linear(const float* x, const uint8_t* w, int w_bits, int64_t M, int64_t N, int64_t K,
                    const float* w_scale, const int32_t* w_zero, const int32_t* w_colsum, const float* a_scale,
                    const float* a_inv_scale, const int32_t* a_zero, bool per_token, int a_bits, const float* bias,
                    float* y) {
-  lowbit::Acts acts;
-  lowbit::quantize_rows(x, K, M, K, a_inv_scale, a_zero, per_token, a_bits, acts);
+  // The activation codes live in a per-thread buffer kept between calls (M x K_pad bytes, e.g. 4 MiB at M = 1024,
+  // K = 4096; released after a call that needed more than 16 MiB): no page faults and no allocation per call.
+  thread_local lowbit::Acts acts;
+  struct Release {
+    lowbit::Acts& a;
+    ~Release() {
+      if (a.codes.capacity() > (size_t(16) << 20)) a = lowbit::Acts();
+    }
+  } release{acts};
+  if (!lowbit::quantize_rows(x, K, M, K, a_inv_scale, a_zero, per_token, a_bits, acts,
+                             lowbit::blocked_gemm(a_bits, w_bits, M)))
+    return false;
   lowbit::Gemm g{w, w_bits, a_bits, N, K};
   g.y = y;
   g.ldy = N;
@@ -141,6 +172,7 @@ void lowbit_linear(const float* x, const uint8_t* w, int w_bits, int64_t M, int6
   g.za = a_zero;
   g.per_token = per_token;
   lowbit::run(g, acts);
+  return true;
 }
 
 }  // namespace zsqfast::cpu

@@ -135,38 +135,47 @@ struct Gemv {
 };
 void gemv(const Ctx& x) { gemv_rows<Gemv>(x); }
 
-void quantize(const float* x, int64_t K, float inv, int32_t za, int bits, uint8_t* out, int32_t* rowsum) {
+bool quantize(const float* x, int64_t K, int64_t Kp, float inv, int32_t za, int bits, uint8_t* out, int64_t stride,
+              int32_t* rowsum) {
   const __m256 vinv = _mm256_set1_ps(inv), vza = _mm256_set1_ps(float(za)), hi = _mm256_set1_ps(float((1 << bits) - 1));
   const __m256 zero = _mm256_setzero_ps();
   __m256i sum = _mm256_setzero_si256();
+  __m256 nan = _mm256_setzero_ps();
   int64_t k = 0;
   alignas(32) int32_t q8[8];
+  const auto at = [&](int64_t i) -> uint8_t& { return out[(i >> 2) * stride + (i & 3)]; };
   for (; k + 8 <= K; k += 8) {
-    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + k), vinv);
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(xv, xv, _CMP_UNORD_Q));
+    __m256 v = _mm256_mul_ps(xv, vinv);
     v = _mm256_add_ps(_mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vza);
     const __m256i q = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(v, zero)));
     sum = _mm256_add_epi32(sum, q);
     _mm256_store_si256(reinterpret_cast<__m256i*>(q8), q);
-    for (int i = 0; i < 8; ++i) out[k + i] = uint8_t(q8[i]);
+    for (int i = 0; i < 8; ++i) at(k + i) = uint8_t(q8[i]);
   }
   int32_t s = hsum(sum);
+  bool ok = _mm256_movemask_ps(nan) == 0;
   const float fh = float((1 << bits) - 1);
   for (; k < K; ++k) {
+    ok &= !std::isnan(x[k]);
     const float v = std::nearbyint(x[k] * inv) + float(za);
     const int32_t q = int32_t(v > 0.0f ? (v < fh ? v : fh) : 0.0f);
-    out[k] = uint8_t(q);
+    at(k) = uint8_t(q);
     s += q;
   }
+  for (; k < Kp; ++k) at(k) = 0;
   *rowsum = s;
+  return ok;
 }
-
 
 }  // namespace
 
 void run_gemm(const Ctx& x) { gemm(x); }
 void run_gemv(const Ctx& x) { gemv(x); }
-void quantize_row(const float* x, int64_t K, float inv, int32_t za, int bits, uint8_t* out, int32_t* rowsum) {
-  quantize(x, K, inv, za, bits, out, rowsum);
+bool quantize_row(const float* x, int64_t K, int64_t Kp, float inv, int32_t za, int bits, uint8_t* out, int64_t stride,
+                  int32_t* rowsum) {
+  return quantize(x, K, Kp, inv, za, bits, out, stride, rowsum);
 }
 
 }  // namespace zsqfast::cpu::lowbit::avx2

@@ -12,6 +12,7 @@ namespace zsqfast::cpu::lowbit {
 
 
 inline constexpr int NR = 32;          // weight panel columns
+inline constexpr int MR = 8;           // rows of the VNNI register block (the blocked form of Acts)
 constexpr int kRowPad = 8;      // activation rows are allocated in multiples of the largest row block
 constexpr int64_t kGemvRows = 4;
 
@@ -32,6 +33,8 @@ struct Ctx {
   bool narrow;
   std::vector<int64_t> d64;  // K zw - cw
   std::vector<int32_t> d32;  // the same, wrapped to int32 (used when narrow)
+  std::vector<int32_t> zd32;  // per tensor: za d32 (wrapped), the row-independent epilogue term
+  std::vector<float> s;       // per tensor: fp32(sa * sw)
   Ctx(const Gemm& g_, const Acts& A_) : g(g_), A(A_), narrow(true) {
     if (!g.y) return;
     narrow = narrow_epilogue(g, g.per_token ? A.M : 1);
@@ -40,6 +43,13 @@ struct Ctx {
     for (int64_t n = 0; n < g.N; ++n) {
       d64[size_t(n)] = g.K * int64_t(g.zw[n]) - int64_t(g.cw[n]);
       d32[size_t(n)] = int32_t(uint32_t(uint64_t(d64[size_t(n)])));
+    }
+    if (g.per_token) return;
+    zd32.resize(size_t(g.N));
+    s.resize(size_t(g.N));
+    for (int64_t n = 0; n < g.N; ++n) {
+      zd32[size_t(n)] = int32_t(uint32_t(g.za[0]) * uint32_t(d32[size_t(n)]));
+      s[size_t(n)] = g.sa[0] * g.sw[n];
     }
   }
   int64_t pick(int64_t m) const { return g.per_token ? m : 0; }
@@ -135,12 +145,14 @@ inline void scalar_run(const Ctx& x) {
 }
 
 
-// The SIMD kernels (lowbit_gemm_vnni.cpp, lowbit_gemm_avx2.cpp): GEMM (M > kGemvRows), GEMV, one row's codes.
+// The SIMD kernels (lowbit_gemm_vnni.cpp, lowbit_gemm_avx2.cpp): GEMM (M > kGemvRows), GEMV, one row's codes
+// (quantize_row: codes k < Kp, zero from K on, code k at out[(k / 4) * stride + k % 4]; false on a NaN).
 #define ZSQ_LOWBIT_ISA(ns)                                                                                  \
   namespace ns {                                                                                            \
   void run_gemm(const Ctx& x);                                                                              \
   void run_gemv(const Ctx& x);                                                                              \
-  void quantize_row(const float* x, int64_t K, float inv, int32_t za, int bits, uint8_t* out, int32_t* rowsum); \
+  bool quantize_row(const float* x, int64_t K, int64_t Kp, float inv, int32_t za, int bits, uint8_t* out,      \
+                    int64_t stride, int32_t* rowsum);                                                         \
   }
 ZSQ_LOWBIT_ISA(vnni)
 ZSQ_LOWBIT_ISA(avx2)

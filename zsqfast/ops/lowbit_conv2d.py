@@ -110,7 +110,7 @@ def lowbit_conv2d(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
     N = check_weight(w_packed, w_scale, w_zero, w_colsum, w_bits, K)
     if N % groups:
         raise ValueError(f"groups={groups} must divide the {N} output channels")
-    check_activation(x, a_bits, a_scale, a_zero, None)
+    check_activation(x, a_bits, a_scale, a_zero, None, "lowbit_conv2d")
     check_k(K, a_bits, w_bits)
     if bias is not None and bias.numel() != N:
         raise ValueError(f"bias must have {N} elements")

@@ -15,7 +15,8 @@ the fake-quant model's activation quantizer with the same parameters; ``fp32(c)`
 ``|c| < 2^24`` and correctly rounded beyond. Overflow: ``acc`` is exact in int32 while
 ``K (2^ab - 1)(2^wb - 1) < 2^31``: K <= 9,544,371 at W4A4, 21,913,098 at W3A3, 33,025 at W8A8
 (:func:`max_k`); ``c`` is formed in int64. NaN activations have no code: the public functions reject them
-on CPU (one extra pass over ``x``); +-Inf saturate to the ends of the grid.
+on CPU (the C++ kernel flags them in its quantization pass; other backends take one extra pass over ``x``);
++-Inf saturate to the ends of the grid.
 
 Kernel contracts (what every non-reference backend implements; arguments already in this form)::
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from .._backend import active_backend
 from . import _common as C
 from ._dispatch import define_op
 from .lowbit_pack import packed_shape, unpack_lowbit
@@ -133,14 +135,16 @@ def check_k(K: int, a_bits: int, w_bits: int) -> None:
                          f"(largest safe K: {max_k(a_bits, w_bits)})")
 
 
-def check_activation(x: torch.Tensor, a_bits: int, a_scale, a_zero, rows: int | None) -> None:
-    """Validate a float activation and its grid; ``rows`` is M when per-token parameters are allowed."""
+def check_activation(x: torch.Tensor, a_bits: int, a_scale, a_zero, rows: int | None, op: str) -> None:
+    """Validate a float activation and its grid; ``rows`` is M when per-token parameters are allowed. NaN in
+    a CPU ``x`` is rejected here unless the C++ kernel runs ``op`` (it raises the same error itself)."""
     C.check_input(x)
     C.check_bits(a_bits)
     for name, t in (("a_scale", a_scale), ("a_zero", a_zero)):
         if not isinstance(t, torch.Tensor) or t.numel() not in ((1, rows) if rows else (1,)):
             raise ValueError(f"{name} must have 1 element (per tensor)" + (f" or {rows} (per token)" if rows else ""))
-    if x.device.type == "cpu" and not torch.compiler.is_compiling() and bool(torch.isnan(x).any()):
+    if (x.device.type == "cpu" and not torch.compiler.is_compiling() and active_backend("cpu", op) != "cpp"
+            and bool(torch.isnan(x).any())):
         raise ValueError("x contains NaN: integer activations have no NaN code")
 
 
@@ -164,7 +168,7 @@ def lowbit_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
     C.check_input(x)
     if x.size(-1) != K:
         raise ValueError(f"x has {x.size(-1)} features in its last dimension, the weight expects K={K}")
-    check_activation(x, a_bits, a_scale, a_zero, x.numel() // K)
+    check_activation(x, a_bits, a_scale, a_zero, x.numel() // K, "lowbit_linear")
     check_k(K, a_bits, w_bits)
     if bias is not None and bias.numel() != N:
         raise ValueError(f"bias must have {N} elements")
