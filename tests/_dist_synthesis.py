@@ -38,3 +38,9 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Leave without running C++ static destructors: with torch 2.14's gloo backend a rank occasionally aborts
+    # in teardown ("terminate called without an active exception") AFTER every check above passed and the
+    # process group was destroyed, which would fail the run for a reason that is not ours.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
