@@ -6,6 +6,9 @@
 #include <memory>
 #include <vector>
 
+#include "../kernels.h"  // set_num_threads
+#include "isa.h"         // num_threads
+
 namespace zsqfast::cpu::lowbit {
 
 constexpr int64_t kBlockK = 128;  // the K granule of the packed layout (zsqfast/ops/lowbit_pack.py)
@@ -54,6 +57,21 @@ struct Gemm {
 // Threads for a parallel loop over `items` work items: at most the CPU kernels' count, and 1 inside an
 // enclosing parallel region (the convolution runs images in parallel, each image's GEMM serially).
 int threads_for(int64_t items);
+
+// Limits the CPU kernels' thread count to n for a scope (restored on exit; registration.cpp sets it anew
+// before every call anyway).
+struct ThreadLimit {
+  int saved;
+  explicit ThreadLimit(int n) : saved(num_threads()) {
+    if (n < saved) set_num_threads(n);
+  }
+  ~ThreadLimit() { set_num_threads(saved); }
+};
+
+// Threads worth using for a call of `macs` multiply-adds: one below 2^23, where the fork/join of its parallel
+// regions costs more than the work (measured: a 2.4M-MAC 3x3 conv at batch 1 took 0.13 ms on one thread and
+// 0.53 ms on two), else all.
+inline int threads_for_macs(double macs) { return macs < double(1 << 23) ? 1 : num_threads(); }
 
 // y or acc for rows [0, acts.M) of `acts` (threads over output columns; exact on every ISA level).
 void run(const Gemm& g, const Acts& acts);

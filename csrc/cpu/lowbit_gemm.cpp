@@ -151,6 +151,7 @@ bool lowbit_linear(const float* x, const uint8_t* w, int w_bits, int64_t M, int6
                    float* y) {
   // The activation codes live in a per-thread buffer kept between calls (M x K_pad bytes, e.g. 4 MiB at M = 1024,
   // K = 4096; released after a call that needed more than 16 MiB): no page faults and no allocation per call.
+  const lowbit::ThreadLimit limit(lowbit::threads_for_macs(double(M) * double(N) * double(K)));
   thread_local lowbit::Acts acts;
   struct Release {
     lowbit::Acts& a;
