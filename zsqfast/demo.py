@@ -1,11 +1,8 @@
-"""``zsqfast demo``: the README's main job, runnable with no downloads.
+"""Models, data and the kernel-speed line of ``zsqfast demo`` (the pipeline itself: :mod:`zsqfast.demo_pipeline`).
 
 Model and real held-out images: the pretrained CIFAR-10 ResNet-20 and test_dev_5k from the data directory
 when present; otherwise a small BatchNorm CNN trained here in seconds on scikit-learn's bundled digits
-(8x8 images; 1,437 to train, 360 held out). It prints FP32 accuracy and round-to-nearest fake-quantized
-accuracy at W8A8 and W4A4, with activation ranges calibrated zero-shot (on Gaussian noise in the model's
-input space: no real image) and, for comparison only, on real training images; then the speed of the
-fused fake-quant kernel against PyTorch's own fused op.
+(8x8 images; 1,437 to train, 360 held out). No downloads.
 """
 from __future__ import annotations
 
@@ -113,23 +110,3 @@ def _kernel_speed() -> str:
             f"{t_ours * 1e3:.2f} ms vs torch.fake_quantize_per_tensor_affine {t_torch * 1e3:.2f} ms "
             f"({t_torch / t_ours:.1f}x)")
 
-
-def run_demo(quick: bool = False, data: str | None = None, seed: int = 0) -> int:
-    import zsqfast
-
-    torch.manual_seed(seed)
-    name, model, real_calib, x_test, y_test = _load(data, quick, seed)
-    print(f"model: {name}; held-out real images: {len(y_test)}; zsqfast backend: {zsqfast.active_backend()} ({zsqfast.cpu_isa()})")
-    rows = [("FP32", "-", accuracy(model, x_test, y_test))]
-    g = torch.Generator().manual_seed(seed)
-    noise = [torch.randn((64,) + tuple(x_test.shape[1:]), generator=g) for _ in range(4)]
-    for w, a in ((8, 8), (4, 4)):
-        for calib_name, batches in (("Gaussian noise (zero-shot)", noise), ("real images (not zero-shot)", real_calib.split(64))):
-            qmodel = zsqfast.calibrate(zsqfast.quantize_model(model, w_bits=w, a_bits=a), batches)
-            rows.append((f"W{w}A{a} round-to-nearest", calib_name, accuracy(qmodel, x_test, y_test)))
-    print(f"\n{'model':28s} {'activation calibration':30s} {'top-1 %':>8s}")
-    for r in rows:
-        print(f"{r[0]:28s} {r[1]:30s} {r[2]:8.2f}")
-    print("\n" + _kernel_speed())
-    print("Zero-shot synthesis and SynQ fine-tuning (next issues) are what close the W4A4 gap.")
-    return 0
