@@ -71,6 +71,19 @@ def test_divergence_is_reported():
         zsqfast.finetune(fp, q, (images, labels), method="kd", epochs=3, batch_size=8, lr=1e12, progress=False)
 
 
+def test_teacher_requires_grad_flags_are_restored():
+    """finetune() freezes the teacher while it runs and gives every flag back, also when it fails."""
+    fp, q, images, labels = _models()
+    fp[0].bias.requires_grad_(False)
+    flags = [p.requires_grad for p in fp.parameters()]
+    zsqfast.finetune(fp, q, (images, labels), method="kd", epochs=1, batch_size=8, progress=False)
+    assert [p.requires_grad for p in fp.parameters()] == flags
+    with pytest.raises(FloatingPointError):
+        zsqfast.finetune(fp, zsqfast.quantize_model(fp, 4, 4), (images, labels), method="kd", epochs=3,
+                         batch_size=8, lr=1e12, progress=False)
+    assert [p.requires_grad for p in fp.parameters()] == flags
+
+
 def test_bad_options():
     fp, q, images, labels = _models()
     with pytest.raises(ValueError, match="method"):
