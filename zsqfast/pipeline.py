@@ -25,7 +25,6 @@ other stages run on rank 0 while the other ranks wait, then every rank reads ran
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -117,7 +116,7 @@ def save_model(path: Path, model: nn.Module, config: dict) -> None:
 
 def build_quantized(fp_model: nn.Module, config: dict) -> nn.Module:
     """The (uncalibrated) fake-quantized structure of ``config`` around ``fp_model``, every parameter trainable
-    (even when ``fp_model``'s were switched off, as :func:`zsqfast.finetune` does to the teacher)."""
+    whatever ``fp_model``'s ``requires_grad`` flags (a frozen float model still gives a trainable student)."""
     q = quantize_model(fp_model, config["w_bits"], config["a_bits"], first_last_bits=config.get("first_last_bits"))
     for p in q.parameters():
         p.requires_grad_(True)
@@ -146,15 +145,6 @@ def _log(msg: str, progress: bool) -> None:
         print(f"[zsqfast.quantize] {msg}", file=sys.stderr, flush=True)
 
 
-@contextlib.contextmanager
-def _grad_flags_kept(model: nn.Module):
-    """Restore ``model``'s parameters' ``requires_grad`` flags on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
 
 
 def _resolve_data(data):
@@ -215,91 +205,90 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     if out is None and zdist.world_size() > 1:
         raise ValueError("under torchrun quantize() needs out=: the ranks share rank 0's artifacts through it")
     dataset = _resolve_data(data)
-    with _grad_flags_kept(model):  # finetune() switches the teacher's requires_grad off
-        fp = model.eval()
-        config = dict(w_bits=wb, a_bits=ab, first_last_bits=first_last_bits, method=method, seed=seed,
-                      epochs=epochs, batch_size=batch_size, finetune_options=ft_opts, model=model_fingerprint(fp),
-                      **(extra_config or {}))
-        if dataset is None:
-            config.update(num_images=num_images, synth_iterations=synth_iterations, synth_method=synth_method,
-                          synth_batch_size=synth_batch_size, synth_options=dict(synth_options or {}))
-        else:
-            config.update(data=_tensor_hash(dataset.images, dataset.labels), num_images=len(dataset.labels))
-        man = Manifest(out, config)
-        if dataset is not None and out is not None and not isinstance(data, (str, Path)) and zdist.rank() == 0 \
-                and not (out / "synthetic.pt").exists():  # keep a copy of the given set with the run
-            payload = {"images": dataset.images.detach().cpu(), "labels": dataset.labels.detach().cpu()}
-            atomic_write_bytes(out / "synthetic.pt", lambda f: torch.save(payload, f))
-        if isinstance(curve_data, str) and curve_data == "eval_data":
-            curve_data = eval_data
-        metrics: dict = {}
+    fp = model.eval()
+    config = dict(w_bits=wb, a_bits=ab, first_last_bits=first_last_bits, method=method, seed=seed,
+                  epochs=epochs, batch_size=batch_size, finetune_options=ft_opts, model=model_fingerprint(fp),
+                  **(extra_config or {}))
+    if dataset is None:
+        config.update(num_images=num_images, synth_iterations=synth_iterations, synth_method=synth_method,
+                      synth_batch_size=synth_batch_size, synth_options=dict(synth_options or {}))
+    else:
+        config.update(data=_tensor_hash(dataset.images, dataset.labels), num_images=len(dataset.labels))
+    man = Manifest(out, config)
+    if dataset is not None and out is not None and not isinstance(data, (str, Path)) and zdist.rank() == 0 \
+            and not (out / "synthetic.pt").exists():  # keep a copy of the given set with the run
+        payload = {"images": dataset.images.detach().cpu(), "labels": dataset.labels.detach().cpu()}
+        atomic_write_bytes(out / "synthetic.pt", lambda f: torch.save(payload, f))
+    if isinstance(curve_data, str) and curve_data == "eval_data":
+        curve_data = eval_data
+    metrics: dict = {}
 
-        # 1. synthesize (rank 0; resumable per batch inside synthesize())
+    # 1. synthesize (rank 0; resumable per batch inside synthesize())
+    if dataset is None:
+        synth_dir = out / "synthetic" if out is not None else None
+        if not man.done("synthesize"):
+            t0 = time.perf_counter()
+            _log(f"synthesize: {num_images} images x {synth_iterations} iterations ({synth_method})", progress)
+            if zdist.rank() == 0:
+                dataset = synthesize(fp, num_images, method=synth_method, batch_size=synth_batch_size,
+                                     iterations=synth_iterations, seed=seed, out=synth_dir, progress=progress,
+                                     **(synth_options or {}))
+            zdist.barrier()
+            man.finish("synthesize", time.perf_counter() - t0, artifact="synthetic")
         if dataset is None:
-            synth_dir = out / "synthetic" if out is not None else None
-            if not man.done("synthesize"):
-                t0 = time.perf_counter()
-                _log(f"synthesize: {num_images} images x {synth_iterations} iterations ({synth_method})", progress)
-                if zdist.rank() == 0:
-                    dataset = synthesize(fp, num_images, method=synth_method, batch_size=synth_batch_size,
-                                         iterations=synth_iterations, seed=seed, out=synth_dir, progress=progress,
-                                         **(synth_options or {}))
-                zdist.barrier()
-                man.finish("synthesize", time.perf_counter() - t0, artifact="synthetic")
-            if dataset is None:
-                dataset = SyntheticDataset.load(synth_dir) if synth_dir is not None else None
-        # 2. quantize_model + calibrate -> the zero-shot round-to-nearest model
-        opt = dict(FINETUNE_DEFAULTS, **ft_opts)
-        if man.done("quantize") and out is not None:
-            rtn, _ = load_quantized(out / "rtn.pt", fp)
+            dataset = SyntheticDataset.load(synth_dir) if synth_dir is not None else None
+    # 2. quantize_model + calibrate -> the zero-shot round-to-nearest model
+    opt = dict(FINETUNE_DEFAULTS, **ft_opts)
+    if man.done("quantize") and out is not None:
+        rtn, _ = load_quantized(out / "rtn.pt", fp)
+    else:
+        t0 = time.perf_counter()
+        rtn = build_quantized(fp, config)
+        calibrate(rtn, dataset.images[: opt["calib_batches"] * batch_size].split(batch_size), freeze=True)
+        m = {"fp32_accuracy": evaluate(fp, *eval_data), "rtn_accuracy": evaluate(rtn, *eval_data)} \
+            if eval_data is not None else {}
+        if out is not None and zdist.rank() == 0:
+            save_model(out / "rtn.pt", rtn, config)
+        zdist.barrier()
+        man.finish("quantize", time.perf_counter() - t0, m, artifact="rtn.pt")
+        _log(f"quantize: W{wb}A{ab} round-to-nearest" + (f", accuracy {m['rtn_accuracy']:.2f} %" if m else ""),
+             progress)
+    metrics.update(man.metrics("quantize"))
+    # 3. finetune (resumable per epoch inside finetune(); data-parallel under torchrun)
+    history: list = []
+    if epochs == 0:
+        qmodel = rtn
+    elif man.done("finetune") and out is not None:
+        qmodel, _ = load_quantized(out / "model.pt", fp)
+        history = _read_log(out / "finetune" / "log.jsonl")
+    else:
+        t0 = time.perf_counter()
+        qmodel = copy.deepcopy(rtn)
+        ft_out = out / "finetune" if out is not None else None
+        kw = dict(method=method, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, **ft_opts)
+        if zdist.world_size() > 1:
+            res = zdist.finetune_ddp(fp, qmodel, dataset, out=ft_out, eval_data=curve_data, **kw)
         else:
-            t0 = time.perf_counter()
-            rtn = build_quantized(fp, config)
-            calibrate(rtn, dataset.images[: opt["calib_batches"] * batch_size].split(batch_size), freeze=True)
-            m = {"fp32_accuracy": evaluate(fp, *eval_data), "rtn_accuracy": evaluate(rtn, *eval_data)} \
-                if eval_data is not None else {}
-            if out is not None and zdist.rank() == 0:
-                save_model(out / "rtn.pt", rtn, config)
-            zdist.barrier()
-            man.finish("quantize", time.perf_counter() - t0, m, artifact="rtn.pt")
-            _log(f"quantize: W{wb}A{ab} round-to-nearest" + (f", accuracy {m['rtn_accuracy']:.2f} %" if m else ""),
-                 progress)
-        metrics.update(man.metrics("quantize"))
-        # 3. finetune (resumable per epoch inside finetune(); data-parallel under torchrun)
-        history: list = []
-        if epochs == 0:
-            qmodel = rtn
-        elif man.done("finetune") and out is not None:
-            qmodel, _ = load_quantized(out / "model.pt", fp)
-            history = _read_log(out / "finetune" / "log.jsonl")
-        else:
-            t0 = time.perf_counter()
-            qmodel = copy.deepcopy(rtn)
-            ft_out = out / "finetune" if out is not None else None
-            kw = dict(method=method, epochs=epochs, batch_size=batch_size, seed=seed, progress=progress, **ft_opts)
-            if zdist.world_size() > 1:
-                res = zdist.finetune_ddp(fp, qmodel, dataset, out=ft_out, eval_data=curve_data, **kw)
-            else:
-                res = finetune(fp, qmodel, dataset, out=ft_out, eval_data=curve_data, **kw)
-            history = res["epochs"]
-            m = {"final_accuracy": evaluate(qmodel, *eval_data)} if eval_data is not None else {}
-            if out is not None and zdist.rank() == 0:
-                save_model(out / "model.pt", qmodel, config)
-            zdist.barrier()
-            man.finish("finetune", time.perf_counter() - t0, m, artifact="model.pt")
-        metrics.update(man.metrics("finetune"))
-        # 4. export
-        integer_model = None
-        if export:
-            t0 = time.perf_counter()
-            integer_model = convert_to_integer(copy.deepcopy(qmodel).eval())
-            if out is not None and zdist.rank() == 0:
-                save_integer_model(integer_model, out / "integer_model.safetensors")
-            man.finish("export", time.perf_counter() - t0, artifact="integer_model.safetensors")
-        for stage in STAGES:
-            if man.done(stage):
-                metrics[f"{stage}_time_s"] = man.data["stages"][stage]["time_s"]
-        return QuantizeResult(qmodel.eval(), rtn.eval(), integer_model, metrics, history, out)
+            res = finetune(fp, qmodel, dataset, out=ft_out, eval_data=curve_data, **kw)
+        history = res["epochs"]
+        m = {"final_accuracy": evaluate(qmodel, *eval_data)} if eval_data is not None else {}
+        if out is not None and zdist.rank() == 0:
+            save_model(out / "model.pt", qmodel, config)
+        zdist.barrier()
+        man.finish("finetune", time.perf_counter() - t0, m, artifact="model.pt")
+    metrics.update(man.metrics("finetune"))
+    # 4. export
+    integer_model = None
+    if export:
+        t0 = time.perf_counter()
+        integer_model = convert_to_integer(copy.deepcopy(qmodel).eval())
+        if out is not None and zdist.rank() == 0:
+            save_integer_model(integer_model, out / "integer_model.safetensors")
+        man.finish("export", time.perf_counter() - t0, artifact="integer_model.safetensors")
+    for stage in STAGES:
+        if man.done(stage):
+            metrics[f"{stage}_time_s"] = man.data["stages"][stage]["time_s"]
+    return QuantizeResult(qmodel.eval(), rtn.eval(), integer_model, metrics, history, out)
 
 
 def _read_log(path: Path) -> list:
