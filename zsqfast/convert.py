@@ -43,7 +43,7 @@ from .nn.int_layers import IntConv2d, IntLinear, activation_grid
 from .ops.lowbit_gemm import check_k, quantize_codes
 from .quantize_model import _swap
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: dense weights on disk (zsqfast.integer_io); 1 still loads
 
 
 class FoldedNormAct(nn.Module):
@@ -226,7 +226,8 @@ def convert_to_integer(qmodel: nn.Module, example_input: torch.Tensor | None = N
 
 def integer_report(model: nn.Module) -> dict:
     """Counts of an integer model: ``integer`` / ``weight_only`` layers, ``folded_bn``, ``fused_act``,
-    ``kept_act`` (from ``model.zsqfast_integer``) and ``weight_bytes`` (packed codes + per-channel tensors)."""
+    ``kept_act`` (from ``model.zsqfast_integer``) and ``weight_bytes`` (in memory: kernel-layout packed codes,
+    K padded to 128, + per-channel scale, zero point, column sum; the file is smaller, see zsqfast.integer_io)."""
     info = getattr(model, "zsqfast_integer", None)
     if info is None:
         raise ValueError("not an integer model from zsqfast.convert_to_integer")
