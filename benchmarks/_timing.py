@@ -74,3 +74,42 @@ def cli(doc: str, name: str, run, columns: list[tuple[str, str]], legend: str = 
     if legend:
         print(legend)
     print("csv:", write_csv(name, rows))
+
+
+def bench_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, reps: int = 5) -> dict[str, float]:
+    """Median seconds per call of each of ``fns``, measured round-robin (one call of each per round), so that
+    drift on a shared machine (other jobs, the allocator's state) hits every entry alike: use it for ratios."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def keep_freed_memory() -> str:
+    """Make glibc's malloc keep freed memory in the process (``mallopt``: no mmap for large blocks, trim only
+    above 2 GiB), as jemalloc / tcmalloc do; returns a line saying what is in effect.
+
+    With glibc's defaults a block of more than 128 KiB-32 MiB (the dynamic mmap threshold) is returned to the
+    kernel when freed and page-faulted in again (zero-filled) on the next call: a CIFAR ResNet-20 batch-256
+    forward took ~57k minor faults (~230 MB) a call here, 30-50 % of its time, and HOW many depends on the
+    order of allocations, so two paths doing the same convolutions timed differently. Environment
+    ``ZSQFAST_BENCH_MALLOC=default`` keeps glibc's defaults."""
+    if os.environ.get("ZSQFAST_BENCH_MALLOC") == "default":
+        return "allocator: glibc malloc defaults (ZSQFAST_BENCH_MALLOC=default)"
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-4, 0) == 1 and libc.mallopt(-1, 2**31 - 1) == 1  # M_MMAP_MAX = 0, M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        return "allocator: defaults (not glibc, mallopt unavailable)"
+    return "allocator: glibc malloc keeps freed memory (M_MMAP_MAX=0, M_TRIM_THRESHOLD=2 GiB; " \
+           "ZSQFAST_BENCH_MALLOC=default to keep the defaults)"

@@ -12,6 +12,18 @@ Rows:
             SynQ step (fft2 filter, separate CAM forwards with full backwards per model).
 Models: CIFAR ResNet-20 at batch 256 (32x32) and timm resnet18 at batch 16 (224x224), random weights.
 
+How the Grad-CAM and step rows are timed: the entries of a part are called round-robin (one call of each per
+round, 2 warm-up calls each, median of 5 rounds), so drift on a shared machine hits them alike, and glibc's
+malloc is told to keep freed memory (``_timing.keep_freed_memory``; ``ZSQFAST_BENCH_MALLOC=default`` turns
+that off). Both matter for the ratios: with glibc's defaults every activation of more than 128 KiB-32 MiB is
+handed back to the kernel when freed and page-faulted in again on the next call (~57k minor faults, ~230 MB,
+per ResNet-20 batch-256 forward here, 30-50 % of its time), and how many depends on the order of the
+allocations; with the floor timed alone first, before the other rows, that made a plain no-grad forward look
+SLOWER than Grad-CAM (119 vs 88 ms) although Grad-CAM runs the same forward plus a head-only backward. It is
+not faster: measured with the allocator fixed (1 thread, CPU time), synq Grad-CAM is 1.0-1.05x the no-grad
+forward, and a SynQ step 1.00-1.08x a KD step. The floor row is the same model, eval mode, under
+``torch.no_grad()``, on the same batch, warmed up like every other row.
+
 Run: python benchmarks/bench_finetune.py [--threads 2] [--quick]
 """
 from __future__ import annotations
@@ -24,7 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zsqfast  # noqa: E402
-from _timing import bench, cli  # noqa: E402
+from _timing import bench, bench_interleaved, cli, keep_freed_memory  # noqa: E402
 from zsqfast.finetune.gradcam import default_layer, reference_gradcam  # noqa: E402
 from zsqfast.finetune.losses import kd_loss, selective_ce  # noqa: E402
 from zsqfast.finetune.trainer import DEFAULTS, step_losses  # noqa: E402
@@ -64,66 +76,79 @@ def lowpass_rows(quick: bool) -> list[dict]:
     return rows
 
 
+CONFIGS = [("cifar_resnet20", 256, 32), ("resnet18", 16, 224)]
+
+
 def run(quick: bool) -> list[dict]:
     rows = lowpass_rows(quick)
-    configs = [("cifar_resnet20", 256, 32), ("resnet18", 16, 224)]
-    if quick:
-        configs = [(n, max(2, b // 8), s) for n, b, s in configs]
-    for name, batch, size in configs:
-        torch.manual_seed(0)
-        fp = build(name).eval()
-        x = torch.randn(batch, 3, size, size)
-        y = torch.randint(0, 10, (batch,))
-        case = f"{name} batch {batch} {size}x{size}"
+    for name, batch, size in CONFIGS:
+        rows += model_rows(name, max(2, batch // 8) if quick else batch, size)
+    return rows
+
+
+def model_rows(name: str, batch: int, size: int) -> list[dict]:
+    """The Grad-CAM and train-step rows of one model and batch (random weights)."""
+    rows = []
+    torch.manual_seed(0)
+    fp = build(name).eval()
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    case = f"{name} batch {batch} {size}x{size}"
+
+    def floor():  # the same model (eval), the same batch, no graph: what any Grad-CAM must at least cost
         with torch.no_grad():
-            t_fwd = bench(lambda: fp(x), reps=5)
-        cams = {"no-grad forward (floor)": t_fwd,
-                "official full backward": bench(lambda: reference_gradcam(fp, x), reps=5)}
-        if pytorch_grad_cam is not None:
-            layer = default_layer(fp)
-            pgc = pytorch_grad_cam.GradCAM(model=fp, target_layers=[layer])
-            cams["pytorch-grad-cam (same layer)"] = bench(lambda: pgc(input_tensor=x, targets=None), reps=5)
-        cams["zsqfast synq (head-only bwd)"] = bench(lambda: zsqfast.gradcam(fp, x), reps=5)
-        cams["zsqfast standard (closed form)"] = bench(lambda: zsqfast.gradcam(fp, x, mode="standard"), reps=5)
-        for k, v in cams.items():
-            rows.append(dict(part="Grad-CAM", case=case, impl=k, ms=round(v * 1e3, 1),
-                             ratio=f"{v / t_fwd:.2f}x forward, {cams['official full backward'] / v:.2f}x faster "
-                                   "than official"))
-        q = zsqfast.calibrate(zsqfast.quantize_model(fp, 4, 4), [x[: max(2, batch // 4)]], freeze=True)
-        opt = torch.optim.SGD(q.parameters(), lr=1e-6, momentum=0.9, nesterov=True)
-        opts = dict(DEFAULTS, lambda_ce=5.0, lambda_cam=200.0)
+            return fp(x)
 
-        def train_step(method):
-            def step():
-                xin = zsqfast.gaussian_lowpass(x, opts["d0"]) if method == "synq" else x
-                loss = step_losses(method, fp, q, xin, y, opts)["loss"]
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            return step
+    fns = {"no-grad forward (floor)": floor,
+           "official full backward": lambda: reference_gradcam(fp, x)}
+    if pytorch_grad_cam is not None:
+        pgc = pytorch_grad_cam.GradCAM(model=fp, target_layers=[default_layer(fp)])
+        fns["pytorch-grad-cam (same layer)"] = lambda: pgc(input_tensor=x, targets=None)
+    fns["zsqfast synq (head-only bwd)"] = lambda: zsqfast.gradcam(fp, x)
+    fns["zsqfast standard (closed form)"] = lambda: zsqfast.gradcam(fp, x, mode="standard")
+    cams = bench_interleaved(fns, reps=5)
+    t_fwd = cams["no-grad forward (floor)"]
+    for k, v in cams.items():
+        rows.append(dict(part="Grad-CAM", case=case, impl=k, ms=round(v * 1e3, 1),
+                         ratio=f"{v / t_fwd:.2f}x forward, {cams['official full backward'] / v:.2f}x faster "
+                               "than official"))
+    q = zsqfast.calibrate(zsqfast.quantize_model(fp, 4, 4), [x[: max(2, batch // 4)]], freeze=True)
+    opt = torch.optim.SGD(q.parameters(), lr=1e-6, momentum=0.9, nesterov=True)
+    opts = dict(DEFAULTS, lambda_ce=5.0, lambda_cam=200.0)
 
-        def official_step():
-            xin = torch.nan_to_num(zsqfast.gaussian_lowpass(x, opts["d0"], method="fft"))
-            with torch.no_grad():
-                t = fp(xin)
-            s = q(xin)
-            ce, _ = selective_ce(s, t, y, opts["tau"])
-            cam_t = reference_gradcam(fp, xin)           # extra teacher forward + full backward
-            cam_s = reference_gradcam(q, xin, differentiable=True)  # extra student forward + full backward
-            loss = kd_loss(s, t) + opts["lambda_ce"] * ce + opts["lambda_cam"] * F.mse_loss(cam_t, cam_s)
+    def train_step(method):
+        def step():
+            xin = zsqfast.gaussian_lowpass(x, opts["d0"]) if method == "synq" else x
+            loss = step_losses(method, fp, q, xin, y, opts)["loss"]
             opt.zero_grad()
             loss.backward()
             opt.step()
+        return step
 
-        t_kd, t_synq = bench(train_step("kd"), reps=3), bench(train_step("synq"), reps=3)
-        t_off = bench(official_step, reps=3)
-        for k, v in (("KD step", t_kd), ("SynQ step (zsqfast)", t_synq), ("SynQ step (official style)", t_off)):
-            rows.append(dict(part="train step", case=case, impl=k, ms=round(v * 1e3, 1),
-                             ratio=f"{v / t_kd:.2f}x the KD step, {t_off / v:.2f}x faster than official style"))
+    def official_step():
+        xin = torch.nan_to_num(zsqfast.gaussian_lowpass(x, opts["d0"], method="fft"))
+        with torch.no_grad():
+            t = fp(xin)
+        s = q(xin)
+        ce, _ = selective_ce(s, t, y, opts["tau"])
+        cam_t = reference_gradcam(fp, xin)           # extra teacher forward + full backward
+        cam_s = reference_gradcam(q, xin, differentiable=True)  # extra student forward + full backward
+        loss = kd_loss(s, t) + opts["lambda_ce"] * ce + opts["lambda_cam"] * F.mse_loss(cam_t, cam_s)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    steps = bench_interleaved({"kd": train_step("kd"), "synq": train_step("synq"), "official": official_step},
+                              reps=5)
+    t_kd, t_synq, t_off = steps["kd"], steps["synq"], steps["official"]
+    for k, v in (("KD step", t_kd), ("SynQ step (zsqfast)", t_synq), ("SynQ step (official style)", t_off)):
+        rows.append(dict(part="train step", case=case, impl=k, ms=round(v * 1e3, 1),
+                         ratio=f"{v / t_kd:.2f}x the KD step, {t_off / v:.2f}x faster than official style"))
     return rows
 
 
 def main() -> None:
+    print(keep_freed_memory())
     legend = "" if pytorch_grad_cam is not None else "pytorch-grad-cam is not installed: its Grad-CAM row is left out"
     cli(__doc__, "bench_finetune", run,
         [("part", "15s"), ("case", "32s"), ("impl", "32s"), ("ms", "9.2f"), ("ratio", "s")], legend)
