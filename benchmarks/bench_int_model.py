@@ -12,7 +12,7 @@ weights (``x``: how many times smaller):
   0..255, else int32) per output channel. Not stored, recomputed at load: the kernel layout and the column sums.
 * ``file_KB``: the whole file as written to a temp dir: the above plus the biases (BatchNorms folded into
   them), the activation grids, the kept QuantAct buffers and the safetensors header (tensor index and the
-  JSON of the structural edits: ~24 KB for ResNet-20).
+  JSON of the structural edits: ~23 KB for ResNet-20).
 * ``mem_KB``: the weights in memory, as the kernels read them: codes in the half-block nibble layout with K
   padded to a multiple of 128 (3-bit codes in nibbles), fp32 scale, int32 zero point and column sum a channel.
 
