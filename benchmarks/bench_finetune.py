@@ -13,9 +13,9 @@ Rows:
 Models: CIFAR ResNet-20 at batch 256 (32x32) and timm resnet18 at batch 16 (224x224), random weights.
 
 How the Grad-CAM and step rows are timed: the entries of a part are called round-robin (one call of each per
-round, 2 warm-up calls each, median of 5 rounds), so drift on a shared machine hits them alike, and glibc's
-malloc is told to keep freed memory (``_timing.keep_freed_memory``; ``ZSQFAST_BENCH_MALLOC=default`` turns
-that off). Both matter for the ratios: with glibc's defaults every activation of more than 128 KiB-32 MiB is
+round, 2 warm-up calls each, median of 5 rounds), so drift on a shared machine hits them alike; and for
+every row glibc's malloc is told to keep freed memory (``_timing.keep_freed_memory``;
+``ZSQFAST_BENCH_MALLOC=default`` turns that off). Both matter for the ratios: with glibc's defaults every activation of more than 128 KiB-32 MiB is
 handed back to the kernel when freed and page-faulted in again on the next call (~57k minor faults, ~230 MB,
 per ResNet-20 batch-256 forward here, 30-50 % of its time), and how many depends on the order of the
 allocations; with the floor timed alone first, before the other rows, that made a plain no-grad forward look
