@@ -13,16 +13,16 @@ Rows:
 Models: CIFAR ResNet-20 at batch 256 (32x32) and timm resnet18 at batch 16 (224x224), random weights.
 
 How the Grad-CAM and step rows are timed: the entries of a part are called round-robin (one call of each per
-round, 2 warm-up calls each, median of 5 rounds), so drift on a shared machine hits them alike; and for
-every row glibc's malloc is told to keep freed memory (``_timing.keep_freed_memory``;
-``ZSQFAST_BENCH_MALLOC=default`` turns that off). Both matter for the ratios: with glibc's defaults every activation of more than 128 KiB-32 MiB is
-handed back to the kernel when freed and page-faulted in again on the next call (~57k minor faults, ~230 MB,
+round, 2 warm-up calls each, median of 5 rounds), so drift on a shared machine hits them alike; and for every
+row glibc's malloc is told to keep freed memory (``_timing.keep_freed_memory``; ``ZSQFAST_BENCH_MALLOC=default``
+turns that off). Both matter for the ratios: with glibc's defaults every activation of more than 128 KiB-32 MiB
+is handed back to the kernel when freed and page-faulted in again on the next call (~57k minor faults, ~230 MB,
 per ResNet-20 batch-256 forward here, 30-50 % of its time), and how many depends on the order of the
 allocations; with the floor timed alone first, before the other rows, that made a plain no-grad forward look
-SLOWER than Grad-CAM (119 vs 88 ms) although Grad-CAM runs the same forward plus a head-only backward. It is
-not faster: measured with the allocator fixed (1 thread, CPU time), synq Grad-CAM is 1.0-1.05x the no-grad
-forward, and a SynQ step 1.00-1.08x a KD step. The floor row is the same model, eval mode, under
-``torch.no_grad()``, on the same batch, warmed up like every other row.
+SLOWER than Grad-CAM (119 vs 88 ms) although Grad-CAM runs the same forward plus a head-only backward. It is not
+faster: measured with the allocator fixed (1 thread, CPU time), synq Grad-CAM is 1.0-1.05x the no-grad forward,
+and a SynQ step 1.00-1.08x a KD step. The floor row is the same model, eval mode, under ``torch.no_grad()``, on
+the same batch, warmed up like every other row.
 
 Run: python benchmarks/bench_finetune.py [--threads 2] [--quick]
 """
