@@ -40,6 +40,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default 1e-5)")
     p.add_argument("--calib-batches", type=int, default=None, help="synthetic batches that set the ranges (4)")
+    p.add_argument("--calib-method", choices=("mse", "minmax"), default=None,
+                   help="activation ranges: least-error clipping (mse, default) or the official min/max EMA")
 
 
 def _eval_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -84,7 +86,8 @@ def _eval_data(args, model):
 
 
 def _ft_options(args) -> dict:
-    return {k: v for k, v in (("lr", args.lr), ("calib_batches", args.calib_batches)) if v is not None}
+    return {k: v for k, v in (("lr", args.lr), ("calib_batches", args.calib_batches),
+                              ("calib_method", args.calib_method)) if v is not None}
 
 
 def _print_result(res, out: str) -> None:

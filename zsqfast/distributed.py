@@ -97,7 +97,8 @@ def finetune_ddp(fp_model: nn.Module, q_model: nn.Module, dataset, *, batch_size
     q_model.to(dev)
     calib = kwargs.get("calib_batches", DEFAULTS["calib_batches"])
     # the same ranges on every rank: calibrate on the same (first) batches, then freeze
-    calibrate(q_model, images[: calib * batch_size].to(dev).split(batch_size), freeze=True)
+    calibrate(q_model, images[: calib * batch_size].to(dev).split(batch_size), freeze=True,
+              method=kwargs.get("calib_method", DEFAULTS["calib_method"]))
     x, y = shard(images, labels, r, w)
     ddp_cls = nn.parallel.DistributedDataParallel
     new_name = "forward_sync_buffers" in inspect.signature(ddp_cls).parameters  # torch >= 2.14 renamed it

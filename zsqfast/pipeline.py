@@ -244,7 +244,8 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     else:
         t0 = time.perf_counter()
         rtn = build_quantized(fp, config)
-        calibrate(rtn, dataset.images[: opt["calib_batches"] * batch_size].split(batch_size), freeze=True)
+        calibrate(rtn, dataset.images[: opt["calib_batches"] * batch_size].split(batch_size), freeze=True,
+                  method=opt["calib_method"])
         m = {"fp32_accuracy": evaluate(fp, *eval_data), "rtn_accuracy": evaluate(rtn, *eval_data)} \
             if eval_data is not None else {}
         if out is not None and zdist.rank() == 0:

@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from .nn import QuantAct, QuantConv2d, QuantLinear
 from .nn.quant_layers import resolve_bits
+from .range_search import mse_search_ranges
 
 _ACTS = (nn.ReLU, nn.ReLU6)
 _QUANT_LAYERS = (QuantConv2d, QuantLinear)
@@ -160,17 +161,25 @@ def quantization_report(model: nn.Module) -> dict:
 
 
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, freeze: bool = False,
-              warn: bool = True) -> nn.Module:
+              warn: bool = True, method: str = "minmax") -> nn.Module:
     """Observe activation ranges: QuantActs in training mode, every other module in eval mode.
 
     Each batch (a tensor, or an ``(images, labels, ...)`` tuple/list: its first item) is run through
     ``model`` under no_grad; BatchNorm keeps its running statistics (eval) while every QuantAct takes one
     EMA step per call. Returns ``model`` in eval mode (``freeze=True`` also freezes every QuantAct).
 
+    ``method``: ``"minmax"`` (the EMA of batch min / max above: the official ZeroQ-lineage observer) or
+    ``"mse"``: the min/max pass, then each observing QuantAct's range shrunk to the clipping range of least
+    quantization MSE on the same batches (:func:`zsqfast.range_search.mse_search_ranges`).
+
     ``warn``: after calibration, QuantActs called a number of times other than once per batch are named
     in a warning: never (a module the forward does not use) or several times (a ReLU module reused at
     several places, whose one range then mixes them).
     """
+    if method not in ("minmax", "mse"):
+        raise ValueError(f"calibration method must be 'minmax' or 'mse', got {method!r}")
+    if method == "mse":
+        batches = list(batches)  # iterated twice
     model.eval()
     acts = {n: m for n, m in model.named_modules() if isinstance(m, QuantAct)}
     before = {n: int(m.num_observed) for n, m in acts.items()}
@@ -183,6 +192,8 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, freeze: bool
             model(xb[0] if isinstance(xb, (tuple, list)) else xb)
             n_batches += 1
     model.eval()
+    if method == "mse" and n_batches:
+        mse_search_ranges(model, batches)
     if freeze:
         for m in acts.values():
             m.freeze()

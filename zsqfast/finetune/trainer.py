@@ -19,7 +19,9 @@ to 1e-5 with cosine decay: the x8000 KL scaling makes 1e-4 diverge on the CIFAR 
 zsq-semantics.md). A non-finite loss stops training with a message instead of producing a broken model.
 
 Before training, the student's activation ranges are calibrated on ``calib_batches`` batches of the data and
-frozen (the official code instead keeps updating them during epochs 0-3). BatchNorm stays in eval mode.
+frozen (the official code instead keeps updating them during epochs 0-3); ``calib_method="mse"`` (default)
+clips each range to its least quantization error on those batches, ``"minmax"`` keeps the official min/max
+EMA (see :func:`zsqfast.calibrate`). BatchNorm stays in eval mode.
 Checkpoints (atomic) after every epoch in ``out`` allow an interrupted run to resume exactly; ``out/log.jsonl``
 holds one JSON line per epoch; evaluation on a held-out set runs every epoch and the final epoch's accuracy is
 reported (no selection of the best epoch on test data).
@@ -45,7 +47,7 @@ from .gradcam import cam_from_activation, cam_loss_from_activation, capture
 from .losses import FeatureTap, feature_alignment, feature_layers, kd_loss, selective_ce
 
 DEFAULTS = dict(lr=1e-5, momentum=0.9, weight_decay=1e-4, temperature=20.0, alpha=20.0, lambda_ce=5.0,
-                lambda_cam=200.0, tau=0.5, d0=80.0, calib_batches=4, augment=True, lambda_fa=0.0, fa_layers=None,
+                lambda_cam=200.0, tau=0.5, d0=80.0, calib_batches=4, calib_method="mse", augment=True, lambda_fa=0.0, fa_layers=None,
                 promote_eps=0.0)
 
 
@@ -194,7 +196,8 @@ def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, see
         sched.load_state_dict(state["scheduler"])
         history, start = state["history"], state["epoch"]
     else:
-        calibrate(q_model, images[: opt["calib_batches"] * batch_size].split(batch_size), freeze=True)
+        calibrate(q_model, images[: opt["calib_batches"] * batch_size].split(batch_size), freeze=True,
+                  method=opt["calib_method"])
     for m in q_model.modules():
         if isinstance(m, QuantAct):
             m.freeze()
