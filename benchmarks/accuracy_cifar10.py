@@ -9,12 +9,13 @@ test data: no epoch choice, no hyperparameter search, no held-out split of it.
 
 Budgets (synthetic images, synthesis iterations, fine-tuning epochs); batch 256 throughout:
     paper     5120, 1000, 100   (SynQ's protocol; hours on 2 CPU cores)
-    reduced    512,  200,  15   (chosen to finish in <= 45 min on the project's idle 2-core Zen 4 CPU)
+    reduced    512,  200, 100   (sized to finish in <= 45 min on the project's idle 2-core Zen 4 CPU)
     tiny        32,    2,   1   (a smoke test of the script, seconds)
-How "reduced" was sized (costs measured per batch of 256, scaled to an idle machine): a synthesis iteration
-~0.7 s (ResNet-20) / ~2.5 s (ResNet-56); a fine-tuning step ~2.2 s KD / ~2.6 s SynQ (ResNet-20), ~5.2 / ~6.3 s
-(ResNet-56); an evaluation on 5,000 images ~6 / ~18 s. Synthesis 2 x 200 x (0.7 + 2.5) ~ 21 min, fine-tuning
-15 epochs x 2 steps x 2 bit widths x (4.8 + 11.5) ~ 16 min, evaluations ~3 min: ~40 min.
+"reduced" keeps the paper's 100 epochs but on a tenth of the images (200 SGD steps instead of 2,000) and a
+fifth of the synthesis iterations. Sized from idle costs (2 threads, per batch of 256): a synthesis
+iteration ~0.35 s (ResNet-20) / ~1 s (ResNet-56), a fine-tuning step ~0.4 / ~1.2 s, an evaluation of 5,000
+images ~3 / ~9 s: synthesis 2 x 200 x 1.35 s ~ 9 min, fine-tuning 4 x 200 x (0.4 + 1.2) s ~ 21 min, plus the
+MSE range search and evaluations, ~35 min.
 
 Everything is written under --out (resumable: rerun the same command after an interruption).
 Usage: python benchmarks/accuracy_cifar10.py --budget reduced [--models 20,56] [--bits 4,3]
@@ -32,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _timing import machine  # noqa: E402
 
-BUDGETS = {"paper": (5120, 1000, 100), "reduced": (512, 200, 15), "tiny": (32, 2, 1)}
+BUDGETS = {"paper": (5120, 1000, 100), "reduced": (512, 200, 100), "tiny": (32, 2, 1)}
 
 
 def main(argv=None) -> int:

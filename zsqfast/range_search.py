@@ -9,8 +9,9 @@ of those before it) and picks the shrink factor ``a`` of its observed range mini
 
 over ``a`` in a fixed grid (``alphas``, default 0.05, 0.06, ..., 1.0). The criterion uses only the
 calibration data (synthetic images in the zero-shot pipeline): nothing is tuned on held-out data. At most
-``max_values`` values per quantizer (a fixed-seed random subsample) enter the error, so the cost is one
-partial forward per quantizer plus ``len(alphas)`` fake-quantizations of ``max_values`` values.
+``max_values`` values per quantizer (a fixed-seed random subsample of the batches needed to reach that many)
+enter the error, so the cost is a partial forward per quantizer (on as few batches as give ``max_values``
+values) plus ``len(alphas)`` fake-quantizations of at most ``max_values`` values.
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ class _Captured(Exception):
     """Raised by the capture hook to end a forward once the quantizer of interest has seen its input."""
 
 
-def _capture(model: nn.Module, act: QuantAct, batches: list[torch.Tensor]) -> torch.Tensor:
-    """The flattened inputs of ``act`` over ``batches`` (the rest of each forward is skipped)."""
+def _capture(model: nn.Module, act: QuantAct, batches: list[torch.Tensor], enough: int) -> torch.Tensor:
+    """The flattened inputs of ``act`` over ``batches`` (the rest of each forward is skipped), stopping after
+    the batch that brings the count to ``enough`` values."""
     got: list[torch.Tensor] = []
 
     def hook(_m, inp):
@@ -46,6 +48,8 @@ def _capture(model: nn.Module, act: QuantAct, batches: list[torch.Tensor]) -> to
                     model(xb)
                 except _Captured:
                     pass
+                if sum(t.numel() for t in got) >= enough:
+                    break
     finally:
         handle.remove()
     return torch.cat(got) if got else torch.empty(0)
@@ -89,7 +93,7 @@ def _best_range(v: torch.Tensor, act: QuantAct, alphas: torch.Tensor) -> tuple[t
 
 
 def mse_search_ranges(model: nn.Module, batches: Iterable[torch.Tensor], *,
-                      alphas: Iterable[float] = DEFAULT_ALPHAS, max_values: int = 1 << 21,
+                      alphas: Iterable[float] = DEFAULT_ALPHAS, max_values: int = 1 << 20,
                       seed: int = 0) -> nn.Module:
     """Set every calibrated, non-frozen QuantAct of ``model`` to its MSE-optimal clipping range (see module doc).
 
@@ -115,7 +119,7 @@ def mse_search_ranges(model: nn.Module, batches: Iterable[torch.Tensor], *,
     for name, act in _forward_order(model, xs[:1]):
         if act.frozen:
             continue
-        v = _capture(model, act, xs)
+        v = _capture(model, act, xs, max_values)
         if v.numel() == 0:  # not reached by the forward: keep its range (calibrate already warned)
             continue
         if not act.calibrated:
