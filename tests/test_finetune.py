@@ -43,7 +43,9 @@ def test_kd_loss_official_scaling():
 @pytest.mark.parametrize("method", ["kd", "synq"])
 def test_two_epochs_lower_the_loss(method):
     fp, q, images, labels = _models()
-    kw = dict(method=method, epochs=2, batch_size=8, lr=5e-3, progress=False, d0=4.0, lambda_cam=10.0)
+    # tau 0.99 selects every sample for SynQ's CE: with the default 0.5 no sample of this random 4-class
+    # teacher is "easy", so SynQ's loss would be the constant (B - n_sel) log C / B term and nothing to lower
+    kw = dict(method=method, epochs=2, batch_size=8, lr=5e-3, progress=False, d0=4.0, lambda_cam=10.0, tau=0.99)
     res = zsqfast.finetune(fp, q, (images, labels), eval_data=(images, labels), **kw)
     losses = [e["loss"] for e in res["epochs"]]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
@@ -166,9 +168,10 @@ def test_difficulty_promotion_step(method):
 
 def test_two_epochs_with_feature_alignment_and_promotion():
     fp, q, images, labels = _models()
-    # lr 1e-4: FA at the official weight 1000 is steep (5e-3 makes it grow on this tiny W4A4 net)
-    kw = dict(method="synq", epochs=2, batch_size=8, lr=1e-4, progress=False, d0=4.0, lambda_cam=10.0,
-              lambda_fa=1000.0, fa_layers=["2", "5"], promote_eps=0.01)
+    # lr 1e-3: FA at the official weight 1000 is steep on this tiny random W4A4 net (it first grows, within
+    # epoch 0, then falls; at 1e-4 it hovers and the 2-epoch comparison is a coin flip)
+    kw = dict(method="synq", epochs=2, batch_size=8, lr=1e-3, progress=False, d0=4.0, lambda_cam=10.0,
+              lambda_fa=1000.0, fa_layers=["2", "5"], promote_eps=0.01, tau=0.99)  # tau: see the test above
     res = zsqfast.finetune(fp, q, (images, labels), **kw)
     e = res["epochs"]
     assert e[1]["loss"] < e[0]["loss"] and e[0]["fa"] > 0 and e[0]["promoted"] > 0
