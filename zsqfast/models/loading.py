@@ -81,14 +81,28 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None, *, num_cl
     return load_state(model, read_state_dict(checkpoint), f"checkpoint {checkpoint}").eval()
 
 
+def timm_input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) a timm model takes: its ``pretrained_cfg['input_size']``, with H, W replaced by the patch
+    embedding's ``img_size`` when the model was built with another one (``img_size=32`` keeps the 224 of the
+    pretrained config, but a ViT / Swin then only accepts 32 x 32). None for a model without a timm config."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if not isinstance(cfg, dict) or "input_size" not in cfg:
+        return None
+    c, h, w = (int(v) for v in cfg["input_size"])
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        h, w = size
+    return (c, h, w)
+
+
 def input_config(model: nn.Module) -> dict:
-    """``{"input_size": (C, H, W), "mean": (...), "std": (...)}``: a timm model's pretrained config, else the
+    """``{"input_size": (C, H, W), "mean": (...), "std": (...)}``: a timm model's (:func:`timm_input_size`), else the
     CIFAR checkpoints' (3, 32, 32) with the ImageNet constants (1 channel for ``digits_cnn``)."""
     from ..data import CIFAR_MEAN, CIFAR_STD
 
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:
-        return dict(input_size=tuple(cfg["input_size"]), mean=tuple(cfg.get("mean", CIFAR_MEAN)),
+        return dict(input_size=timm_input_size(model), mean=tuple(cfg.get("mean", CIFAR_MEAN)),
                     std=tuple(cfg.get("std", CIFAR_STD)))
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first is not None and first.in_channels == 1:
