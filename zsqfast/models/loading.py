@@ -3,8 +3,10 @@
 * ``cifar_resnet<depth>``: the CIFAR ResNets; without ``checkpoint`` the pretrained ``resnet<depth>_cifar10.pt``
   of the data directory (``$ZSQFAST_DATA``, default ``../shared/data``).
 * ``digits_cnn``: the demo's small BatchNorm CNN for 1x8x8 digits (needs ``checkpoint``).
-* ``torchvision:<name>`` or any timm model name (``resnet18``, ``deit_tiny_patch16_224``...): built with
-  random weights, then ``checkpoint`` (required: no weights are downloaded) is loaded into it.
+* any timm model name (``resnet18``, ``deit_tiny_patch16_224``, ``swin_tiny_patch4_window7_224``...), a
+  torchvision classification model name (``mobilenet_v2``...) or ``torchvision:<name>``: built with random
+  weights (and the builder's ``model_kwargs``, e.g. timm's ``img_size``), then ``checkpoint`` (required: no
+  weights are downloaded) is loaded into it.
 
 Checkpoints: a plain state_dict, or a dict holding one under ``state_dict`` / ``model`` / ``model_state_dict``;
 a ``module.`` prefix (DataParallel) is stripped. Loading is strict: a checkpoint of another architecture
@@ -59,9 +61,14 @@ def load_state(model: nn.Module, state: dict, what: str) -> nn.Module:
 
 
 def load_model(name: str, checkpoint: str | os.PathLike | None = None, *, num_classes: int | None = None,
-               root: str | os.PathLike | None = None) -> nn.Module:
-    """A pretrained float model in eval mode (module docstring). Raises ValueError / FileNotFoundError with
-    what to do for unknown names, missing checkpoints and checkpoints of another architecture."""
+               root: str | os.PathLike | None = None, model_kwargs: dict | None = None) -> nn.Module:
+    """A pretrained float model in eval mode (module docstring); ``model_kwargs`` go to the timm / torchvision
+    builder (e.g. ``{"img_size": 384}`` for a checkpoint of that size). Raises ValueError / FileNotFoundError
+    with what to do for unknown names, bad kwargs, missing checkpoints and checkpoints of another
+    architecture."""
+    model_kwargs = dict(model_kwargs or {})
+    if model_kwargs and (name.startswith("cifar_resnet") or name == "digits_cnn"):
+        raise ValueError(f"--model {name} takes no --model-kwargs (they are for timm / torchvision builders)")
     if name.startswith("cifar_resnet") and checkpoint is None:
         from .cifar_resnet import load_cifar_resnet
 
@@ -74,7 +81,10 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None, *, num_cl
 
         model = DigitsCNN(num_classes=num_classes or 10)
     else:
-        model = build(name, num_classes)
+        try:
+            model = build(name, num_classes, **model_kwargs)
+        except TypeError as exc:  # an argument the builder does not take
+            raise ValueError(f"--model {name} does not take these --model-kwargs {model_kwargs}: {exc}") from None
     if checkpoint is None:
         raise ValueError(f"--model {name} needs --checkpoint PATH: zsqfast never downloads weights (a model with "
                          "random weights cannot be quantized meaningfully)")
