@@ -30,7 +30,7 @@ def build(name: str, num_classes: int | None = None, **kwargs) -> nn.Module:
     arch = tv_name or name
     if arch not in torchvision.models.list_models(module=torchvision.models):
         if tv_name is not None:
-            raise ValueError(f"torchvision has no classification model {arch!r}")
+            raise ValueError(f"torchvision has no model {arch!r} among its classification models")
         raise ValueError(f"unknown model {name!r}: not a timm model name, a torchvision classification model, "
                          "'torchvision:<name>' or 'cifar_resnet<depth>'")
     return torchvision.models.get_model(arch, weights=None, **kw)
