@@ -156,3 +156,19 @@ def test_cli_quantize_eval_export(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # --model-kwargs must be a JSON object
         main(["eval", "--model", name, "--model-kwargs", "{img_size: 32}", "--eval-data", "x.npz"])
     assert e.value.code == 2 and "not valid JSON" in capsys.readouterr().err
+
+
+def test_export_names_a_layer_it_cannot_convert():
+    # K = 40000 inputs at W8A8 could overflow the int32 accumulator (largest safe K 33025): the error names the
+    # layer and the way out; skipping it converts the rest
+    torch.manual_seed(0)
+    fp = nn.Sequential(nn.Linear(40000, 8), nn.GELU(), nn.Linear(8, 2)).eval()
+    x = torch.randn(4, 40000)
+    for skip, ok in (((), False), (("0",), True)):
+        q = zsqfast.quantize_model(fp, 8, 8, skip=skip)
+        zsqfast.calibrate(q, [x], freeze=True)
+        if ok:
+            assert zsqfast.integer_report(zsqfast.convert_to_integer(q, x[:1]))["integer"] == 1
+        else:
+            with pytest.raises(ValueError, match=r"cannot convert layer '0' \(QuantLinear\).*skip=\['0'\]"):
+                zsqfast.convert_to_integer(q, x[:1])

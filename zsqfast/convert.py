@@ -199,7 +199,11 @@ def convert_to_integer(qmodel: nn.Module, example_input: torch.Tensor | None = N
         cls = IntConv2d if isinstance(m, QuantConv2d) else IntLinear
         new = cls.from_quant(m, grid, a_bits, scale_mul=scale_mul, bias_override=bias)
         if a_bits is not None:
-            check_k(new.K, a_bits, new.w_bits)
+            try:
+                check_k(new.K, a_bits, new.w_bits)
+            except ValueError as exc:  # say which layer cannot run on the integer kernels
+                raise ValueError(f"convert_to_integer cannot convert layer {name!r} ({type(m).__name__}): {exc}; "
+                                 f"keep it float with quantize_model(..., skip=[{name!r}])") from None
         _swap(model, name, new)
         edit = {"path": name, "op": cls.__name__, "config": new.config()}
         if name in bn_of:
