@@ -22,13 +22,23 @@ timm = pytest.importorskip("timm")
 # narrow / shallow versions of the real architectures: at 224 the pretrained models' input (DeiT's 14 x 14
 # token grid), at 32 the cheap variant for the tests where the size does not matter
 NAMES = {"deit": "deit_tiny_patch16_224", "swin": "swin_tiny_patch4_window7_224"}
-ARCH = {("deit", 224): dict(depth=2, embed_dim=32, num_heads=2),                              # 14 x 14 tokens
+ARCH = {("deit", 224): dict(depth=1, embed_dim=16, num_heads=2),                              # 14 x 14 tokens
         ("deit", 32): dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2),    # 4 x 4
         ("swin", 224): dict(patch_size=16, window_size=7, depths=(1, 1), num_heads=(1, 2), embed_dim=16),
         ("swin", 32): dict(img_size=32, patch_size=4, window_size=4, depths=(1, 1), num_heads=(1, 2),
                            embed_dim=16)}                                                     # 8 x 8, 4 x 4
 BUDGET = dict(num_images=8, synth_iterations=2, synth_batch_size=4, epochs=2, batch_size=4, seed=1, progress=False,
               finetune_options=dict(lr=1e-4, calib_batches=1))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are so small that OpenMP's second thread only costs time (x5-x10 when the 2 cores are
+    shared with other jobs); the thread count is restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def tiny(kind: str, size: int = 32) -> nn.Module:
@@ -59,7 +69,7 @@ def test_quantize_end_to_end(tmp_path, monkeypatch, kind, size, bits):
     real_lowpass = trainer.gaussian_lowpass
     monkeypatch.setattr(trainer, "gaussian_lowpass", lambda x, d0: filtered.append((x.shape, d0)) or
                         real_lowpass(x, d0))
-    out, res = tmp_path, _run(kind, size, tmp_path, *bits, export=True)
+    out, res = tmp_path, _run(kind, size, tmp_path, *bits, export=True, num_images=4, epochs=1)  # 1 batch, 1 step
     fp = tiny(kind, size)
     man = json.loads((out / "manifest.json").read_text())
     assert man["config"]["synth_method"] == "psaq-vit" and man["config"]["synth_batch_size"] == 4
@@ -75,8 +85,8 @@ def test_quantize_end_to_end(tmp_path, monkeypatch, kind, size, bits):
     kinds = lambda m: sorted({type(x).__name__ for x in m.modules() if isinstance(x, (nn.LayerNorm, nn.GELU))})
     assert kinds(res.model) == kinds(fp) == ["GELU", "LayerNorm"]
     # SynQ ran: the low-pass filter on every batch (224 images), a non-zero CAM loss from the token grid
-    assert len(filtered) == 4 and all(tuple(s) == (4, 3, size, size) and d0 == 80.0 for s, d0 in filtered)
-    assert len(res.history) == 2 and all(r["cam"] > 0 for r in res.history)
+    assert len(filtered) == 1 and all(tuple(s) == (4, 3, size, size) and d0 == 80.0 for s, d0 in filtered)
+    assert len(res.history) == 1 and res.history[0]["cam"] > 0
     assert not _same(res.model.state_dict(), res.rtn_model.state_dict())
     for k in ("fp32_accuracy", "rtn_accuracy", "final_accuracy"):
         assert 0.0 <= res.metrics[k] <= 100.0
