@@ -324,6 +324,8 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
     Returns:
         SyntheticDataset of the batches done (all of them unless ``max_batches`` stopped early).
     """
+    if calibration_centers and not recipes.METHODS.get(method, {"bns_form": "auto"})["bns_form"]:
+        raise ValueError(f"calibration_centers needs a BN-statistics method, not {method!r}")
     method = resolve_method(model, method)
     shape = _input_shape(model, input_shape)
     hp = recipes.resolve(method, overrides, shape, model)
@@ -332,7 +334,7 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
         raise ValueError("num_images, batch_size and iterations must be positive")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    if calibration_centers and not hp["bns_form"]:
+    if calibration_centers and not hp["bns_form"]:  # "auto" resolved to psaq-vit
         raise ValueError(f"calibration_centers needs a BN-statistics method, not {method!r}")
     rank, world, barrier, agree = _dist_context(distributed)
     if world > 1 and out is None:
