@@ -99,6 +99,7 @@ def test_vit_token_grid():
     x = torch.randn(2, 3, VIT_SIZE, VIT_SIZE)
     target = model.blocks[-1].norm1  # the last block's output patch tokens never reach the class token
     assert default_layer(model, "synq") is target is default_layer(model, "standard")
+    assert default_layer(nn.DataParallel(model)) is target  # the student under torchrun is wrapped
     want = textbook_gradcam(model, target, x, reshape=_grid)
     got = zsqfast.gradcam(model, x, mode="standard")
     assert got.shape == (2, VIT_SIZE, VIT_SIZE) and torch.allclose(got, want, atol=1e-5)
@@ -119,6 +120,7 @@ def test_swin_channels_last_token_grid():
     want = textbook_gradcam(model, target, x, reshape=lambda t: t.permute(0, 3, 1, 2))  # (B, H, W, C) tokens
     got = zsqfast.gradcam(model, x, mode="standard")
     assert got.shape == (2, 32, 32) and torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(zsqfast.gradcam(nn.DataParallel(model), x, mode="standard"), want, atol=1e-5)
     q = zsqfast.quantize_model(model, 4, 8)
     zsqfast.calibrate(q, [x])
     loss = cam_alignment_loss(model, q, x)

@@ -46,9 +46,17 @@ MODES = ("synq", "standard")
 _STANDARD_LAYER: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside (Distributed)DataParallel wrappers (the student under torchrun is one)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
 def last_block(model: nn.Module) -> nn.Module | None:
     """The last transformer block of a timm ViT / DeiT (``blocks[-1]``) or Swin (``layers[-1].blocks[-1]``);
     None for other models."""
+    model = _unwrap(model)
     if not hasattr(model, "patch_embed"):
         return None
     blocks = getattr(model, "blocks", None)
@@ -61,7 +69,7 @@ def last_block(model: nn.Module) -> nn.Module | None:
 
 def _nhwc(model: nn.Module) -> bool:
     """timm models whose blocks run channels-last (B, H, W, C), e.g. Swin."""
-    return getattr(model, "output_fmt", None) == "NHWC"
+    return getattr(_unwrap(model), "output_fmt", None) == "NHWC"
 
 
 def default_layer(model: nn.Module, mode: str = "synq", x: torch.Tensor | None = None) -> nn.Module:
@@ -108,7 +116,7 @@ def _resolve(model: nn.Module, layer, mode: str = "synq", x=None) -> nn.Module:
 
 def prefix_tokens(model: nn.Module) -> int | None:
     """Tokens before the patch grid of a ViT (class, distillation), None for other models."""
-    return getattr(model, "num_prefix_tokens", None)
+    return getattr(_unwrap(model), "num_prefix_tokens", None)
 
 
 def as_grid(a: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
