@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import zsqfast
-from zsqfast.finetune.gradcam import MODES, default_layer, reference_gradcam
+from zsqfast.finetune.gradcam import MODES, cam_alignment_loss, default_layer, reference_gradcam
 from zsqfast.finetune.head import linear_head
 from zsqfast.models import build
 
@@ -97,13 +97,35 @@ def test_standard_mode_matches_textbook(name, size):
 def test_vit_token_grid():
     model = _vit()
     x = torch.randn(2, 3, VIT_SIZE, VIT_SIZE)
-    assert default_layer(model, "synq") is model.blocks[-1] is default_layer(model, "standard")
-    want = textbook_gradcam(model, model.blocks[-1], x, reshape=_grid)
+    target = model.blocks[-1].norm1  # the last block's output patch tokens never reach the class token
+    assert default_layer(model, "synq") is target is default_layer(model, "standard")
+    assert default_layer(nn.DataParallel(model)) is target  # the student under torchrun is wrapped
+    want = textbook_gradcam(model, target, x, reshape=_grid)
     got = zsqfast.gradcam(model, x, mode="standard")
     assert got.shape == (2, VIT_SIZE, VIT_SIZE) and torch.allclose(got, want, atol=1e-5)
-    assert linear_head(model, model.blocks[-1], x) is None  # LayerNorm + class token: no closed form
+    assert got.flatten(1).amax(1).min() > 0.99  # a real map per image, not the all-zero one of blocks[-1]
+    assert linear_head(model, target, x) is None  # attention + LayerNorm + class token: no closed form
     s = zsqfast.gradcam(model, x)  # synq mode on the same grid
     assert s.shape == (2, VIT_SIZE, VIT_SIZE) and s.min() >= 0 and s.max() <= 1 + 1e-6
+    assert s.flatten(1).std(1).min() > 0.05
+
+
+def test_swin_channels_last_token_grid():
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=2,
+                              window_size=4, depths=(1, 1), num_heads=(1, 2), embed_dim=16).eval()
+    x = torch.randn(2, 3, 32, 32)
+    target = model.layers[-1].blocks[-1].norm1
+    assert default_layer(model, "synq") is target
+    want = textbook_gradcam(model, target, x, reshape=lambda t: t.permute(0, 3, 1, 2))  # (B, H, W, C) tokens
+    got = zsqfast.gradcam(model, x, mode="standard")
+    assert got.shape == (2, 32, 32) and torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(zsqfast.gradcam(nn.DataParallel(model), x, mode="standard"), want, atol=1e-5)
+    q = zsqfast.quantize_model(model, 4, 8)
+    zsqfast.calibrate(q, [x])
+    loss = cam_alignment_loss(model, q, x)
+    loss.backward()  # the CAM loss trains the student through the permuted view
+    assert loss > 0 and q.layers[0].blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
 def test_standard_mode_matches_grad_cam_package():
@@ -116,7 +138,7 @@ def test_standard_mode_matches_grad_cam_package():
     assert torch.allclose(zsqfast.gradcam(model, x, mode="standard", layer=model.layer4[-1]), want, atol=1e-4)
     vit = _vit()
     xv = torch.randn(2, 3, VIT_SIZE, VIT_SIZE)
-    with pgc.GradCAM(model=vit, target_layers=[vit.blocks[-1]], reshape_transform=_grid) as cam:
+    with pgc.GradCAM(model=vit, target_layers=[vit.blocks[-1].norm1], reshape_transform=_grid) as cam:
         want = torch.from_numpy(cam(input_tensor=xv, targets=None))
     assert torch.allclose(zsqfast.gradcam(vit, xv, mode="standard"), want, atol=1e-4)
 

@@ -114,6 +114,8 @@ def test_build_by_name():
     assert build("cifar_resnet44")(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     assert build("torchvision:resnet18", num_classes=7)(torch.randn(1, 3, 64, 64)).shape == (1, 7)
     assert build("mobilenetv2_100", num_classes=5).classifier.out_features == 5
+    assert type(build("mobilenet_v2", num_classes=3)).__module__.startswith("torchvision")  # not a timm name
+    assert build("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=1).patch_embed.img_size == (32, 32)
     with pytest.raises(ValueError, match="unknown model"):
         build("no_such_model_xyz")
     with pytest.raises(ValueError, match="torchvision has no model"):

@@ -80,7 +80,7 @@ def _interrupt(monkeypatch, stage: str):
             raise Interrupt(stage)
         monkeypatch.setattr(pipeline, "finetune", fn)
     else:
-        monkeypatch.setattr(pipeline, "convert_to_integer", lambda q: (_ for _ in ()).throw(Interrupt(stage)))
+        monkeypatch.setattr(pipeline, "convert_to_integer", lambda *a, **k: (_ for _ in ()).throw(Interrupt(stage)))
 
 
 @pytest.mark.parametrize("stage", pipeline.STAGES)

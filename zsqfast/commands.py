@@ -1,14 +1,18 @@
 """The pipeline subcommands of the ``zsqfast`` command line: quantize, synthesize, finetune, eval, export.
 
 Models (``--model``): ``cifar_resnet20`` / ``cifar_resnet56`` (pretrained, from the data directory),
-any timm classifier name or ``torchvision:<name>`` with ``--checkpoint PATH`` (a state_dict; nothing is
-downloaded), ``digits_cnn`` (the demo's model) with ``--checkpoint``. Evaluation data (``--eval-data``): an .npz
+any timm classifier name (CNNs, ViT / DeiT / Swin), a torchvision classification model name or
+``torchvision:<name>`` with ``--checkpoint PATH`` (a state_dict; nothing is downloaded; ``--model-kwargs``
+for a checkpoint of a non-default architecture, e.g. ``'{"img_size": 384}'``), ``digits_cnn`` (the demo's
+model) with ``--checkpoint``. Synthesis (``--synth-method auto``): HAST (BatchNorm statistics) for a model with
+BatchNorm, PSAQ-ViT (patch-similarity entropy) for a vision transformer. Evaluation data (``--eval-data``): an .npz
 with ``images`` uint8 (N, H, W, C) and ``labels`` (the layout of test_dev_5k.npz) or an image folder
 ``root/<class>/<image>``. Examples::
 
     zsqfast quantize --model cifar_resnet20 --w-bits 4 --a-bits 4 --out runs/r20_w4a4 \\
         --eval-data ../shared/data/cifar10/test_dev_5k.npz          # rerun the same line to resume
     zsqfast eval --quantized runs/r20_w4a4 --eval-data ../shared/data/cifar10/test_dev_5k.npz
+    zsqfast quantize --model deit_tiny_patch16_224 --checkpoint deit_t.pth --w-bits 4 --a-bits 8 --out runs/deit
     torchrun --nproc_per_node 2 -m zsqfast.cli quantize ...          # data-parallel fine-tuning
 """
 from __future__ import annotations
@@ -20,11 +24,23 @@ import sys
 from pathlib import Path
 
 
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"img_size\": 32}}', got {text!r}")
+    return value
+
+
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required,
                    help="cifar_resnet20 | cifar_resnet56 | digits_cnn | a timm name | torchvision:<name>")
     p.add_argument("--checkpoint", default=None, help="state_dict file for --model (required except cifar_resnet*)")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size when it differs from the default")
+    p.add_argument("--model-kwargs", type=_json_dict, default=None, metavar="JSON",
+                   help="builder arguments of a timm / torchvision model, e.g. '{\"img_size\": 384}'")
     p.add_argument("--data-dir", default=None, help="data directory (default $ZSQFAST_DATA or ../shared/data)")
 
 
@@ -67,12 +83,16 @@ def _check_bits(args) -> None:
 def _model(args):
     from .models.loading import load_model
 
-    return load_model(args.model, args.checkpoint, num_classes=args.num_classes, root=args.data_dir)
+    return load_model(args.model, args.checkpoint, num_classes=args.num_classes, root=args.data_dir,
+                      model_kwargs=args.model_kwargs)
 
 
 def _spec(args) -> dict:
     ckpt = os.path.abspath(args.checkpoint) if args.checkpoint else None
-    return {"model_spec": {"name": args.model, "checkpoint": ckpt, "num_classes": args.num_classes}}
+    spec = {"name": args.model, "checkpoint": ckpt, "num_classes": args.num_classes}
+    if args.model_kwargs:  # only when given: the configs of earlier runs stay valid
+        spec["model_kwargs"] = args.model_kwargs
+    return {"model_spec": spec}
 
 
 def _eval_data(args, model):
@@ -158,6 +178,7 @@ def _quantized(args):
         if not spec:
             raise ValueError(f"{path} does not record its float model; pass --model (and --checkpoint)")
         args.model, args.checkpoint, args.num_classes = spec["name"], spec["checkpoint"], spec["num_classes"]
+        args.model_kwargs = spec.get("model_kwargs")
     fp = _model(args)
     if path is None:
         return fp, None, None
@@ -194,7 +215,7 @@ def cmd_export(args) -> int:
 def _synth_methods() -> list[str]:
     from .synthesis.recipes import METHODS
 
-    return sorted(METHODS)
+    return ["auto"] + sorted(METHODS)
 
 
 def add_commands(sub) -> None:
@@ -208,8 +229,9 @@ def add_commands(sub) -> None:
     _train_args(s)
     s.add_argument("--num-images", type=int, default=5120, help="synthetic images (default 5120)")
     s.add_argument("--synth-iterations", type=int, default=1000, help="synthesis iterations per batch (1000)")
-    s.add_argument("--synth-batch-size", type=int, default=256)
-    s.add_argument("--synth-method", choices=_synth_methods(), default="hast")
+    s.add_argument("--synth-batch-size", type=int, default=None, help="default 256; 32 for psaq-vit")
+    s.add_argument("--synth-method", choices=_synth_methods(), default="auto",
+                   help="auto (default): hast for a model with BatchNorm, psaq-vit for a vision transformer")
     s.add_argument("--data", default=None, help="reuse this synthetic set (a 'zsqfast synthesize' --out directory)")
     s.add_argument("--export", action="store_true", help="also write the integer model (integer_model.pt)")
     _eval_args(s)
@@ -220,8 +242,9 @@ def add_commands(sub) -> None:
     _model_args(s)
     s.add_argument("--num-images", type=int, default=5120)
     s.add_argument("--iterations", type=int, default=1000)
-    s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--method", choices=_synth_methods(), default="hast")
+    s.add_argument("--batch-size", type=int, default=None, help="default 256; 32 for psaq-vit")
+    s.add_argument("--method", choices=_synth_methods(), default="auto",
+                   help="auto (default): hast for a model with BatchNorm, psaq-vit for a vision transformer")
     _out_arg(s, "output directory of the shards (an existing run there is resumed)")
     s.set_defaults(fn=cmd_synthesize)
 

@@ -59,12 +59,15 @@ class FoldedNormAct(nn.Module):
 
 
 def _default_input(model: nn.Module) -> torch.Tensor:
-    """A Gaussian example input: timm's ``pretrained_cfg['input_size']`` when the model has one, else
-    (1, C, 32, 32) with C the first conv's input channels."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    """A Gaussian example input: a timm model's input size (:func:`zsqfast.models.loading.timm_input_size`:
+    its pretrained config, or its patch embedding's ``img_size``) when it has one, else (1, C, 32, 32) with C
+    the first conv's input channels."""
+    from .models.loading import timm_input_size
+
+    size = timm_input_size(model)
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if "input_size" in cfg:
-        shape = (1, *cfg["input_size"])
+    if size is not None:
+        shape = (1, *size)
     elif conv is not None:
         shape = (1, conv.in_channels, 32, 32)
     else:
@@ -196,7 +199,11 @@ def convert_to_integer(qmodel: nn.Module, example_input: torch.Tensor | None = N
         cls = IntConv2d if isinstance(m, QuantConv2d) else IntLinear
         new = cls.from_quant(m, grid, a_bits, scale_mul=scale_mul, bias_override=bias)
         if a_bits is not None:
-            check_k(new.K, a_bits, new.w_bits)
+            try:
+                check_k(new.K, a_bits, new.w_bits)
+            except ValueError as exc:  # say which layer cannot run on the integer kernels
+                raise ValueError(f"convert_to_integer cannot convert layer {name!r} ({type(m).__name__}): {exc}; "
+                                 f"keep it float with quantize_model(..., skip=[{name!r}])") from None
         _swap(model, name, new)
         edit = {"path": name, "op": cls.__name__, "config": new.config()}
         if name in bn_of:

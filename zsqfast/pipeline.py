@@ -45,7 +45,8 @@ from .integer_io import save_integer_model
 from .nn.quant_layers import resolve_bits
 from .quantize_model import calibrate, quantize_model
 from .synthesis import SyntheticDataset, synthesize
-from .synthesis.engine import model_fingerprint
+from .synthesis.engine import model_fingerprint, resolve_method
+from .synthesis.recipes import DEFAULT_BATCH
 from .synthesis.storage import atomic_write_bytes
 
 STAGES = ("synthesize", "quantize", "finetune", "export")
@@ -161,7 +162,7 @@ def _resolve_data(data):
 
 def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq", num_images: int = 5120,
              synth_iterations: int = 1000, epochs: int = 100, out=None, export: bool = False, seed: int = 0,
-             synth_method: str = "hast", synth_batch_size: int = 256, batch_size: int = 256,
+             synth_method: str = "auto", synth_batch_size: int | None = None, batch_size: int = 256,
              first_last_bits: int | None = None, data=None, eval_data=None, curve_data="eval_data",
              progress: bool = True,
              synth_options: dict | None = None, finetune_options: dict | None = None,
@@ -170,10 +171,13 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     (-> convert_to_integer). See the module docstring for the stages and ``out/``.
 
     Args:
-        model: the pretrained float classifier (with BatchNorm2d layers for the BNS synthesis); not modified.
+        model: the pretrained float classifier, not modified: a BatchNorm CNN, or a timm ViT / DeiT / Swin.
         w_bits, a_bits: 2..8.
         method: fine-tuning: ``"synq"`` or ``"kd"``; ``epochs=0`` stops after round-to-nearest.
-        num_images, synth_iterations, synth_batch_size, synth_method, synth_options: :func:`zsqfast.synthesize`.
+        num_images, synth_iterations, synth_batch_size, synth_method, synth_options: :func:`zsqfast.synthesize`;
+            ``synth_method="auto"``: ``"hast"`` (BNS) for a model with BatchNorm2d, ``"psaq-vit"`` for a ViT
+            without it; a BNS method forced on a model without BatchNorm2d raises ValueError before any
+            file is written. ``synth_batch_size`` None: the method's (256; 32 for psaq-vit).
         epochs, batch_size, finetune_options: :func:`zsqfast.finetune` (its DEFAULTS, e.g. ``lr``,
             ``calib_batches``, also set the calibration of the round-to-nearest model).
         out: directory for every artifact and the manifest; None keeps everything in memory.
@@ -190,7 +194,8 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     Returns:
         :class:`QuantizeResult`.
     Raises:
-        ValueError: bad bits / method / budget, an ``out`` holding another run.
+        ValueError: bad bits / method / budget, a synthesis method the model cannot use, an ``out`` holding
+            another run.
     """
     wb, ab = resolve_bits(w_bits, "w_bits", allow_float=False), resolve_bits(a_bits, "a_bits", allow_float=False)
     if method not in ("synq", "kd"):
@@ -210,6 +215,9 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
                   epochs=epochs, batch_size=batch_size, finetune_options=ft_opts, model=model_fingerprint(fp),
                   **(extra_config or {}))
     if dataset is None:
+        synth_method = resolve_method(fp, synth_method)
+        if synth_batch_size is None:
+            synth_batch_size = DEFAULT_BATCH[synth_method]
         config.update(num_images=num_images, synth_iterations=synth_iterations, synth_method=synth_method,
                       synth_batch_size=synth_batch_size, synth_options=dict(synth_options or {}))
     else:
@@ -282,7 +290,7 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     integer_model = None
     if export:
         t0 = time.perf_counter()
-        integer_model = convert_to_integer(copy.deepcopy(qmodel).eval())
+        integer_model = convert_to_integer(copy.deepcopy(qmodel).eval(), dataset.images[:1])
         if out is not None and zdist.rank() == 0:
             save_integer_model(integer_model, out / "integer_model.safetensors")
         man.finish("export", time.perf_counter() - t0, artifact="integer_model.safetensors")

@@ -12,9 +12,14 @@ target the feature map that enters the global pool (e.g. ``layer4`` of a ResNet)
 map = ReLU(sum_k alpha_k A_k) min-max normalised at the layer's resolution (eps 1e-7), bilinearly resized to
 the input size, and min-max normalised again.
 
-ViTs (a target whose output is tokens (B, N, D), default: the last block ``model.blocks[-1]``): the prefix
-tokens (class / distillation, ``model.num_prefix_tokens``) are dropped and the rest reshaped to the token
-grid (B, D, s, s), s = sqrt(N - prefix).
+Vision transformers (timm): the default target is the token grid of the LAST block, read at its ``norm1``
+(the normalised tokens entering the block's attention; pytorch-grad-cam's documented ViT / Swin target). Not
+the block's output: DeiT / ViT classify from the class token alone, so the output's patch tokens get an
+exactly zero gradient and every map would be 0 (all ones after SynQ's 1e-10 clamp). ViT / DeiT
+(``model.blocks``): tokens (B, N, D), the prefix tokens (class / distillation, ``model.num_prefix_tokens``)
+dropped and the rest reshaped to the grid (B, D, s, s), s = sqrt(N - prefix). Swin (``model.layers[-1].blocks``,
+channels-last ``output_fmt == "NHWC"``): a 4-D (B, H, W, C) target is read as (B, C, H, W) (a permuted view
+taken inside the forward hook, so gradients and the CAM loss flow through it).
 
 Cost: the official code back-propagates each score through the WHOLE network (parameter gradients included)
 per model per batch. Here the front of the network runs without building a graph and the gradient goes from
@@ -41,17 +46,41 @@ MODES = ("synq", "standard")
 _STANDARD_LAYER: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
-def _is_vit(model: nn.Module) -> bool:
-    return hasattr(model, "blocks") and hasattr(model, "patch_embed")
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside (Distributed)DataParallel wrappers (the student under torchrun is one)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def last_block(model: nn.Module) -> nn.Module | None:
+    """The last transformer block of a timm ViT / DeiT (``blocks[-1]``) or Swin (``layers[-1].blocks[-1]``);
+    None for other models."""
+    model = _unwrap(model)
+    if not hasattr(model, "patch_embed"):
+        return None
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        layers = getattr(model, "layers", None)
+        blocks = getattr(layers[-1], "blocks", None) if isinstance(layers, (nn.Sequential, nn.ModuleList)) \
+            and len(layers) else None
+    return blocks[-1] if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) else None
+
+
+def _nhwc(model: nn.Module) -> bool:
+    """timm models whose blocks run channels-last (B, H, W, C), e.g. Swin."""
+    return getattr(_unwrap(model), "output_fmt", None) == "NHWC"
 
 
 def default_layer(model: nn.Module, mode: str = "synq", x: torch.Tensor | None = None) -> nn.Module:
-    """The mode's default target: the last block of a ViT; else for ``synq`` the last ``nn.Conv2d``
+    """The mode's default target: the last block's ``norm1`` of a ViT / Swin (module docstring); else for
+    ``synq`` the last ``nn.Conv2d``
     (including quantized subclasses) in ``named_modules`` order, for ``standard`` the last module to finish
     with a (B, C, H, W) output of H*W > 1 (the map entering the global pool; found with one probe forward of
     ``x[:1]``, cached per model)."""
-    if _is_vit(model):
-        return model.blocks[-1]
+    block = last_block(model)
+    if block is not None:
+        return getattr(block, "norm1", block)
     if mode == "synq":
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
         if not convs:
@@ -87,7 +116,7 @@ def _resolve(model: nn.Module, layer, mode: str = "synq", x=None) -> nn.Module:
 
 def prefix_tokens(model: nn.Module) -> int | None:
     """Tokens before the patch grid of a ViT (class, distillation), None for other models."""
-    return getattr(model, "num_prefix_tokens", None)
+    return getattr(_unwrap(model), "num_prefix_tokens", None)
 
 
 def as_grid(a: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
@@ -107,15 +136,18 @@ def as_grid(a: torch.Tensor, prefix: int | None = None) -> torch.Tensor:
 
 def _capture(model: nn.Module, layer: nn.Module, x: torch.Tensor, differentiable: bool, head_graph: bool = True):
     """Run the model; return (logits, A). Without ``differentiable`` the front runs graph-free and A is a leaf
-    (``head_graph``: the head after A records a graph, for the backward of the general path)."""
+    (``head_graph``: the head after A records a graph, for the backward of the general path). A channels-last
+    4-D output of a Swin-like model is returned as the (B, C, H, W) view A and passed on as A's inverse view."""
     store = {}
+    nhwc = _nhwc(model)
 
     def hook(module, inputs, output):
+        a = output.permute(0, 3, 1, 2) if nhwc and output.dim() == 4 else output
         if not differentiable and head_graph:
             torch.set_grad_enabled(True)  # the head (after A) needs a graph; the front did not
-            output = output.detach().requires_grad_(True)
-        store["a"] = output
-        return output
+            a = a.detach().requires_grad_(True)
+        store["a"] = a
+        return a.permute(0, 2, 3, 1) if nhwc and a.dim() == 4 else a
 
     handle = layer.register_forward_hook(hook)
     try:

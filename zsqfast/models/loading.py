@@ -3,8 +3,10 @@
 * ``cifar_resnet<depth>``: the CIFAR ResNets; without ``checkpoint`` the pretrained ``resnet<depth>_cifar10.pt``
   of the data directory (``$ZSQFAST_DATA``, default ``../shared/data``).
 * ``digits_cnn``: the demo's small BatchNorm CNN for 1x8x8 digits (needs ``checkpoint``).
-* ``torchvision:<name>`` or any timm model name (``resnet18``, ``deit_tiny_patch16_224``...): built with
-  random weights, then ``checkpoint`` (required: no weights are downloaded) is loaded into it.
+* any timm model name (``resnet18``, ``deit_tiny_patch16_224``, ``swin_tiny_patch4_window7_224``...), a
+  torchvision classification model name (``mobilenet_v2``...) or ``torchvision:<name>``: built with random
+  weights (and the builder's ``model_kwargs``, e.g. timm's ``img_size``), then ``checkpoint`` (required: no
+  weights are downloaded) is loaded into it.
 
 Checkpoints: a plain state_dict, or a dict holding one under ``state_dict`` / ``model`` / ``model_state_dict``;
 a ``module.`` prefix (DataParallel) is stripped. Loading is strict: a checkpoint of another architecture
@@ -59,9 +61,14 @@ def load_state(model: nn.Module, state: dict, what: str) -> nn.Module:
 
 
 def load_model(name: str, checkpoint: str | os.PathLike | None = None, *, num_classes: int | None = None,
-               root: str | os.PathLike | None = None) -> nn.Module:
-    """A pretrained float model in eval mode (module docstring). Raises ValueError / FileNotFoundError with
-    what to do for unknown names, missing checkpoints and checkpoints of another architecture."""
+               root: str | os.PathLike | None = None, model_kwargs: dict | None = None) -> nn.Module:
+    """A pretrained float model in eval mode (module docstring); ``model_kwargs`` go to the timm / torchvision
+    builder (e.g. ``{"img_size": 384}`` for a checkpoint of that size). Raises ValueError / FileNotFoundError
+    with what to do for unknown names, bad kwargs, missing checkpoints and checkpoints of another
+    architecture."""
+    model_kwargs = dict(model_kwargs or {})
+    if model_kwargs and (name.startswith("cifar_resnet") or name == "digits_cnn"):
+        raise ValueError(f"--model {name} takes no --model-kwargs (they are for timm / torchvision builders)")
     if name.startswith("cifar_resnet") and checkpoint is None:
         from .cifar_resnet import load_cifar_resnet
 
@@ -74,21 +81,38 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None, *, num_cl
 
         model = DigitsCNN(num_classes=num_classes or 10)
     else:
-        model = build(name, num_classes)
+        try:
+            model = build(name, num_classes, **model_kwargs)
+        except TypeError as exc:  # an argument the builder does not take
+            raise ValueError(f"--model {name} does not take these --model-kwargs {model_kwargs}: {exc}") from None
     if checkpoint is None:
         raise ValueError(f"--model {name} needs --checkpoint PATH: zsqfast never downloads weights (a model with "
                          "random weights cannot be quantized meaningfully)")
     return load_state(model, read_state_dict(checkpoint), f"checkpoint {checkpoint}").eval()
 
 
+def timm_input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) a timm model takes: its ``pretrained_cfg['input_size']``, with H, W replaced by the patch
+    embedding's ``img_size`` when the model was built with another one (``img_size=32`` keeps the 224 of the
+    pretrained config, but a ViT / Swin then only accepts 32 x 32). None for a model without a timm config."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if not isinstance(cfg, dict) or "input_size" not in cfg:
+        return None
+    c, h, w = (int(v) for v in cfg["input_size"])
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) for v in size):
+        h, w = size
+    return (c, h, w)
+
+
 def input_config(model: nn.Module) -> dict:
-    """``{"input_size": (C, H, W), "mean": (...), "std": (...)}``: a timm model's pretrained config, else the
+    """``{"input_size": (C, H, W), "mean": (...), "std": (...)}``: a timm model's (:func:`timm_input_size`), else the
     CIFAR checkpoints' (3, 32, 32) with the ImageNet constants (1 channel for ``digits_cnn``)."""
     from ..data import CIFAR_MEAN, CIFAR_STD
 
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:
-        return dict(input_size=tuple(cfg["input_size"]), mean=tuple(cfg.get("mean", CIFAR_MEAN)),
+        return dict(input_size=timm_input_size(model), mean=tuple(cfg.get("mean", CIFAR_MEAN)),
                     std=tuple(cfg.get("std", CIFAR_STD)))
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first is not None and first.in_channels == 1:

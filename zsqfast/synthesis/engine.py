@@ -44,7 +44,7 @@ import torch.nn as nn
 from . import recipes
 from .bns_loss import BNSLoss
 from .centers import center_loss, center_statistics, make_centers
-from .patch_entropy import PatchEntropy
+from .patch_entropy import PatchEntropy, _attention_modules
 from .storage import ShardStore
 
 
@@ -95,10 +95,38 @@ def model_fingerprint(model: nn.Module) -> str:
 def _input_shape(model: nn.Module, input_shape) -> tuple[int, int, int]:
     if input_shape is not None:
         return tuple(int(s) for s in input_shape)
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, dict) and "input_size" in cfg:
-        return tuple(cfg["input_size"])
-    return (3, 32, 32)
+    from ..models.loading import input_config
+
+    return tuple(input_config(model)["input_size"])
+
+
+def resolve_method(model: nn.Module, method: str) -> str:
+    """``method`` checked against ``model``; ``"auto"``: ``"hast"`` for a model with BatchNorm2d layers,
+    ``"psaq-vit"`` for a vision transformer without them (timm attention blocks).
+
+    Raises ValueError before any work: an unknown method, a BN-statistics method (hast, deepinversion) for a
+    model without BatchNorm2d (e.g. a ViT: no running statistics to match), psaq-vit for a model without
+    timm attention blocks, or ``"auto"`` for a model with neither."""
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    has_attn = bool(_attention_modules(model))
+    name = type(model).__name__
+    if method == "auto":
+        if not (has_bn or has_attn):
+            raise ValueError(f"{name} has no BatchNorm2d layer and no timm attention block: no synthesis method "
+                             f"applies (BN statistics need BatchNorm2d, psaq-vit a vision transformer); pass "
+                             "data= / --data with your own calibration images")
+        return "hast" if has_bn else "psaq-vit"
+    if method not in recipes.METHODS:
+        raise ValueError(f"synthesis method must be 'auto' or one of {sorted(recipes.METHODS)}, got {method!r}")
+    if recipes.METHODS[method]["bns_form"] and not has_bn:
+        hint = "use 'psaq-vit' (or 'auto', which picks it) for this vision transformer" if has_attn else \
+            "pass your own calibration images instead (data= / --data)"
+        raise ValueError(f"{name} has no BatchNorm2d layer: synthesis method {method!r} matches BatchNorm running "
+                         f"statistics (BNS), which this model does not have; {hint}")
+    if recipes.METHODS[method]["entropy"] and not has_attn:
+        raise ValueError(f"{name} has no timm attention block (Attention / WindowAttention): synthesis method "
+                         f"{method!r} needs a vision transformer; use 'hast' (or 'auto') for a BatchNorm CNN")
+    return method
 
 
 def _progress(total: int, enabled: bool, desc: str = "synthesis"):
@@ -276,13 +304,15 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
     Args:
         model: a classifier (run in eval mode with frozen parameters; left unchanged). BNS methods need
             BatchNorm2d layers, ``"psaq-vit"`` timm attention blocks.
-        method: ``"hast"`` (default), ``"deepinversion"`` or ``"psaq-vit"`` (module docstring); ``overrides``
+        method: ``"hast"`` (default), ``"deepinversion"``, ``"psaq-vit"`` (module docstring) or ``"auto"``
+            (:func:`resolve_method`: hast with BatchNorm, psaq-vit for a ViT without it); ``overrides``
             replace any hyperparameter of the method (recipes.py lists and explains them all).
         batch_size: images per batch (256; 32 for psaq-vit); the last batch may be smaller.
         iterations: optimisation steps per batch (1000).
         seed: batch b is fully determined by (seed, b).
         out: directory for shards + index; an existing run there is resumed (its settings must match).
-        input_shape: (C, H, W); default from a timm model's config, else (3, 32, 32).
+        input_shape: (C, H, W); default :func:`zsqfast.models.loading.input_config` (a timm model's size,
+            its patch embedding's ``img_size`` included; 224 for torchvision; else (3, 32, 32)).
         num_classes: default: the size of the model's output.
         calibration_centers: SynQ's calibration centers + layered BNS (BNS methods; centers.py).
         precision: ``"fp32"`` or ``"bf16"`` (autocast of the model's forward and backward; opt-in).
@@ -294,6 +324,9 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
     Returns:
         SyntheticDataset of the batches done (all of them unless ``max_batches`` stopped early).
     """
+    if calibration_centers and not recipes.METHODS.get(method, {"bns_form": "auto"})["bns_form"]:
+        raise ValueError(f"calibration_centers needs a BN-statistics method, not {method!r}")
+    method = resolve_method(model, method)
     shape = _input_shape(model, input_shape)
     hp = recipes.resolve(method, overrides, shape, model)
     batch_size = recipes.DEFAULT_BATCH[method] if batch_size is None else batch_size
@@ -301,7 +334,7 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
         raise ValueError("num_images, batch_size and iterations must be positive")
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-    if calibration_centers and not hp["bns_form"]:
+    if calibration_centers and not hp["bns_form"]:  # "auto" resolved to psaq-vit
         raise ValueError(f"calibration_centers needs a BN-statistics method, not {method!r}")
     rank, world, barrier, agree = _dist_context(distributed)
     if world > 1 and out is None:
