@@ -91,6 +91,18 @@ def test_flat_map_one_pixel_and_half_flat_batch():
     assert torch.equal(g_cpp[0], torch.zeros_like(g_cpp[0])) and g_cpp[1].abs().max() > 0
 
 
+@pytest.mark.parametrize("size", [(32, 32), (17, 31), (60, 68), (224, 224), (33, 225)])
+def test_upsample_rounds_like_torch(size):
+    """A 1x1 map (K = 1, alpha = 1: s exact in both) upsampled is constant up to torch's rounding (D ~ 1 ulp,
+    n in {0, 1, ...}; or exactly flat, n = 0): the loss equals the reference's only if u is bit-identical to
+    F.interpolate's (both of torch's kernels: H + W <= 128 and > 128)."""
+    a = torch.rand(3, 1, 1, 1) + 0.1
+    alpha, t = torch.ones(3, 1), torch.rand(3, *size)
+    l_ref, _ = _loss_and_grad("reference", a, alpha, t)
+    l_cpp, _ = _loss_and_grad("cpp", a, alpha, t)
+    assert torch.allclose(l_cpp, l_ref, rtol=1e-5)
+
+
 def test_exact_ties_take_the_first_index():
     """Exact ties of the min (ReLU zeros) and of the max (two equal peaks, clamped corner blocks): the
     gradient goes where torch's min / max put it (the first occurrence), as in the reference."""

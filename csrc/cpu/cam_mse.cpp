@@ -1,6 +1,6 @@
 // CPU kernel of SynQ's CAM-alignment loss (zsqfast/ops/cam_mse.py), fused per sample b:
 //   s = sum_k alpha_k A_k (h, w),  m = ReLU(s),  u = bilinear upsample of m to (H, W) (align_corners=False,
-//   as the 2-tap index / weight tables iy, wy (H, 2) and ix, wx (W, 2) give it: first along W, then H),
+//   the 2-tap index / weight tables iy, wy (H, 2) and ix, wx (W, 2); rounded as torch rounds it: u_row),
 //   lo = min u, hi = max u (first index of each, like torch), D = hi - lo + 1e-10,
 //   loss = sum_b sum_ij ((u - lo) / D - T)^2 / (B H W).
 // Backward with g = ((u - lo) / D - T) c, c = 2 dL / (B H W):

@@ -17,7 +17,9 @@ going to the element torch's ``min(dim)`` / ``max(dim)`` pick: the first occurre
 Kernels: the reference (pure PyTorch, any dtype and device) and, for float32 CPU tensors, the fused C++
 kernel (csrc/cpu/cam_mse.cpp: per sample a GEMV over K, the 2-tap separable upsample from the tables of
 :func:`interp_table`, min / max, normalise and squared error, the backward the transposed chain; OpenMP over
-the batch, nothing (H, W)-sized stored). Other dtypes run the reference. NaN / Inf are not rejected: they
+the batch, nothing (H, W)-sized stored; u rounded exactly as torch 2.14's CPU upsample rounds it, both its
+kernels: the separable one for H + W > 128 and the four-tap one below, so exact and near ties of min / max
+resolve as in the reference). Other dtypes run the reference. NaN / Inf are not rejected: they
 propagate as in the reference (a NaN in A or T makes L NaN and the affected sample's gradient NaN where the
 reference's is).
 """
@@ -69,7 +71,8 @@ def backward_reference(grad: torch.Tensor, s: torch.Tensor, alpha: torch.Tensor,
 @functools.lru_cache(maxsize=64)
 def interp_table(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch's bilinear (align_corners=False, size given) taps along one axis: source indices int64
-    (n_out, 2) and weights float32 (n_out, 2), ``out[i] = fma(x[i0], w0, x[i1] * w1)``.
+    (n_out, 2) and weights float32 (n_out, 2), ``out[i] = x[i0] w0 + x[i1] w1`` (how the C++ kernel rounds
+    the 2-D combination: ``u_row`` in csrc/cpu/cam_mse_body.inc).
 
     As torch's CPU kernel computes them: scale = float(n_in) / n_out, src = fma(scale, i + 0.5, -0.5)
     (fp32, one rounding: emulated in float64, exact there), clamped at 0; i0 = min(floor(src), n_in - 1),
