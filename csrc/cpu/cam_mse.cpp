@@ -26,6 +26,8 @@ struct CamGeom {
   const float* wy;    // (H, 2): their weights
   const int64_t* ix;  // (W, 2)
   const float* wx;    // (W, 2)
+  const float* bx0;   // (W,): wx[:, 0] and wx[:, 1] de-interleaved (the small-map rows load them as vectors)
+  const float* bx1;
 };
 using CamFwdFn = double (*)(const CamGeom&, int64_t, const float*, const float*, const float*, float*);
 using CamBwdFn = void (*)(const CamGeom&, int64_t, float, const float*, const float*, const float*, float*);
@@ -36,10 +38,23 @@ using CamBwdFn = void (*)(const CamGeom&, int64_t, float, const float*, const fl
 
 namespace zsqfast::cpu {
 
+namespace {
+struct Columns {  // the W-axis weights (W, 2) de-interleaved
+  std::vector<float> b0, b1;
+  Columns(const float* wx, int64_t W) : b0(static_cast<size_t>(W)), b1(static_cast<size_t>(W)) {
+    for (int64_t j = 0; j < W; ++j) {
+      b0[size_t(j)] = wx[2 * j];
+      b1[size_t(j)] = wx[2 * j + 1];
+    }
+  }
+};
+}  // namespace
+
 float cam_mse_fwd(const float* a, const float* alpha, const float* target, float* s, int64_t B, int64_t K, int64_t h,
                   int64_t w, int64_t H, int64_t W, const int64_t* iy, const float* wy, const int64_t* ix,
                   const float* wx) {
-  const CamGeom g{K, h, w, H, W, iy, wy, ix, wx};
+  const Columns cols(wx, W);
+  const CamGeom g{K, h, w, H, W, iy, wy, ix, wx, cols.b0.data(), cols.b1.data()};
   const CamFwdFn fn = pick<CamFwdFn>(k_avx512::forward_batch, k_avx2::forward_batch, k_scalar::forward_batch);
   return float(fn(g, B, a, alpha, target, s) / double(B * H * W));
 }
@@ -47,7 +62,8 @@ float cam_mse_fwd(const float* a, const float* alpha, const float* target, float
 void cam_mse_bwd(float grad, const float* s, const float* alpha, const float* target, float* da, int64_t B, int64_t K,
                  int64_t h, int64_t w, int64_t H, int64_t W, const int64_t* iy, const float* wy, const int64_t* ix,
                  const float* wx) {
-  const CamGeom g{K, h, w, H, W, iy, wy, ix, wx};
+  const Columns cols(wx, W);
+  const CamGeom g{K, h, w, H, W, iy, wy, ix, wx, cols.b0.data(), cols.b1.data()};
   const float c = (2.0f * grad) / float(B * H * W);  // torch: 2.0 * grad_out / numel, in fp32
   const CamBwdFn fn = pick<CamBwdFn>(k_avx512::backward_batch, k_avx2::backward_batch, k_scalar::backward_batch);
   fn(g, B, c, s, alpha, target, da);
