@@ -114,8 +114,9 @@ def cam_loss_rows(quick: bool) -> list[dict]:
                                 "zsqfast C++ kernel": node("cpp")}, reps=7)
         for impl, v in t_.items():
             rows.append(dict(part="CAM loss f+b", case=f"A {b}x{k}x{h}x{h} -> {size}x{size}", impl=impl,
-                             ms=round(v * 1e3, 2), ratio=f"{t_['reference node'] / v:.2f}x vs reference node, "
-                                                         f"{t_['autograd composite (official)'] / v:.2f}x vs composite"))
+                             ms=round(v * 1e3, 2),
+                             ratio=f"{t_['reference node'] / v:.2f}x vs reference node, "
+                                   f"{t_['autograd composite (official)'] / v:.2f}x vs composite"))
     return rows
 
 

@@ -51,7 +51,8 @@ def test_matches_reference(shape):
 
 def test_every_isa(cpu_isa):
     g = torch.Generator().manual_seed(3)
-    a, alpha, t = torch.randn(3, 19, 7, 9, generator=g), torch.rand(3, 19, generator=g), torch.rand(3, 37, 45, generator=g)
+    a, alpha = torch.randn(3, 19, 7, 9, generator=g), torch.rand(3, 19, generator=g)
+    t = torch.rand(3, 37, 45, generator=g)
     _compare(a, alpha, t)
 
 
