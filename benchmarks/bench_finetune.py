@@ -10,6 +10,9 @@ Rows:
             (head-only backward) and standard mode (the GAP -> linear closed form: no backward);
   step      one KD step vs one SynQ step (filter + selective CE + CAM) with zsqfast vs an official-style
             SynQ step (fft2 filter, separate CAM forwards with full backwards per model).
+  CAM loss  forward + backward (dL/dA) of the CAM-alignment loss alone from A, alpha and the teacher map:
+            the plain autograd composite (official style) vs the op's PyTorch reference node vs its C++ kernel,
+            A 256x64x8x8 -> 32x32 (ResNet-20 batch 256) and 16x512x7x7 -> 224x224 (resnet18 batch 16).
 Models: CIFAR ResNet-20 at batch 256 (32x32) and timm resnet18 at batch 16 (224x224), random weights.
 
 How the Grad-CAM and step rows are timed: the entries of a part are called round-robin (one call of each per
@@ -83,6 +86,37 @@ def run(quick: bool) -> list[dict]:
     rows = lowpass_rows(quick)
     for name, batch, size in CONFIGS:
         rows += model_rows(name, max(2, batch // 8) if quick else batch, size)
+    return rows + cam_loss_rows(quick)
+
+
+def cam_loss_rows(quick: bool) -> list[dict]:
+    """CAM-alignment loss forward + backward: autograd composite vs reference node vs C++ kernel."""
+    from zsqfast.finetune.cam_loss import cam_mse
+    from zsqfast.finetune.gradcam import finish_map
+
+    rows = []
+    for b, k, h, size in [(256, 64, 8, 32), (16, 512, 7, 224)]:
+        b = max(2, b // 8) if quick else b
+        a = torch.randn(b, k, h, h, requires_grad=True)
+        alpha, t = torch.rand(b, k), torch.rand(b, size, size)
+
+        def composite():
+            m = finish_map((alpha[:, :, None, None] * a).sum(1, keepdim=True), (size, size), "synq")
+            return torch.autograd.grad(F.mse_loss(m, t), a)
+
+        def node(backend):
+            def fn():
+                with zsqfast.use_backend(backend):
+                    return torch.autograd.grad(cam_mse(a, alpha, t), a)
+            return fn
+
+        t_ = bench_interleaved({"autograd composite (official)": composite, "reference node": node("reference"),
+                                "zsqfast C++ kernel": node("cpp")}, reps=7)
+        for impl, v in t_.items():
+            rows.append(dict(part="CAM loss f+b", case=f"A {b}x{k}x{h}x{h} -> {size}x{size}", impl=impl,
+                             ms=round(v * 1e3, 2),
+                             ratio=f"{t_['reference node'] / v:.2f}x vs reference node, "
+                                   f"{t_['autograd composite (official)'] / v:.2f}x vs composite"))
     return rows
 
 

@@ -40,6 +40,16 @@ void bn_stats_bwd(DType dt, const void* grad, const void* x, void* out, int64_t 
 // The taps must be symmetric (wh[a] = wh[2rh - a], ww[b] = ww[2rw - b]); fp32 arithmetic with FMA.
 void circular_conv_sep(const float* x, float* out, int64_t planes, int64_t H, int64_t W, const float* wh,
                        int64_t rh, const float* ww, int64_t rw);
+// SynQ CAM-alignment loss (zsqfast/ops/cam_mse.py), contiguous fp32: a (B, K, h, w), alpha (B, K), target
+// (B, H, W); iy, wy (H, 2) and ix, wx (W, 2) the bilinear (align_corners=False) source indices and weights.
+// Forward writes s (B, h, w) = sum_k alpha_k a_k and returns mean((normalised upsampled ReLU(s) - target)^2);
+// backward writes da (B, K, h, w) = dLoss/da for the upstream gradient `grad`.
+float cam_mse_fwd(const float* a, const float* alpha, const float* target, float* s, int64_t B, int64_t K, int64_t h,
+                  int64_t w, int64_t H, int64_t W, const int64_t* iy, const float* wy, const int64_t* ix,
+                  const float* wx);
+void cam_mse_bwd(float grad, const float* s, const float* alpha, const float* target, float* da, int64_t B, int64_t K,
+                 int64_t h, int64_t w, int64_t H, int64_t W, const int64_t* iy, const float* wy, const int64_t* ix,
+                 const float* wx);
 // Low-bit integer GEMM (zsqfast/ops/lowbit_gemm.py; weights packed as in zsqfast/ops/lowbit_pack.py, N rows):
 // acc (M, N) int32 = a (M, K) uint8 codes x uw^T. Exact for K (2^8 - 1)(2^w_bits - 1) < 2^31.
 void lowbit_gemm(const uint8_t* a, const uint8_t* w, int w_bits, int64_t M, int64_t N, int64_t K, int32_t* acc);

@@ -8,6 +8,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <array>
+
 #include "kernels.h"
 
 #ifdef ZSQFAST_WITH_CUDA
@@ -266,6 +268,64 @@ at::Tensor circular_conv_sep(const at::Tensor& x, const at::Tensor& wh, const at
   return out;
 }
 
+// ---- SynQ CAM-alignment loss (CPU only): contract in zsqfast/ops/cam_mse.py
+void check_cam_table(const at::Tensor& idx, const at::Tensor& wt, int64_t n_out, int64_t n_in, const char* axis) {
+  TORCH_CHECK(idx.device().is_cpu() && idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.dim() == 2 &&
+                  idx.size(0) == n_out && idx.size(1) == 2 && wt.device().is_cpu() && wt.scalar_type() == at::kFloat &&
+                  wt.is_contiguous() && wt.sizes() == idx.sizes(),
+              "zsqfast: cam_mse ", axis, " tables must be contiguous CPU int64 / float32 (", n_out, ", 2)");
+  const int64_t* p = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < 2 * n_out; ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < n_in, "zsqfast: cam_mse ", axis, " table index out of range");
+}
+
+// (B, K, h, w), (B, K), (B, H, W): checked; returns {B, K, h, w, H, W}.
+std::array<int64_t, 6> check_cam(const at::Tensor& s_or_a, bool is_a, const at::Tensor& alpha,
+                                 const at::Tensor& target, const at::Tensor& iy, const at::Tensor& wy,
+                                 const at::Tensor& ix, const at::Tensor& wx) {
+  const at::Tensor& x = s_or_a;
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == (is_a ? 4 : 3),
+              "zsqfast: cam_mse takes a contiguous float32 CPU ", is_a ? "a (B, K, h, w)" : "s (B, h, w)");
+  const int64_t B = x.size(0), h = x.size(is_a ? 2 : 1), w = x.size(is_a ? 3 : 2);
+  TORCH_CHECK(alpha.device().is_cpu() && alpha.scalar_type() == at::kFloat && alpha.is_contiguous() &&
+                  alpha.dim() == 2 && alpha.size(0) == B && (!is_a || alpha.size(1) == x.size(1)),
+              "zsqfast: cam_mse alpha must be contiguous float32 (B, K)");
+  TORCH_CHECK(target.device().is_cpu() && target.scalar_type() == at::kFloat && target.is_contiguous() &&
+                  target.dim() == 3 && target.size(0) == B,
+              "zsqfast: cam_mse target must be contiguous float32 (B, H, W)");
+  const int64_t H = target.size(1), W = target.size(2);
+  TORCH_CHECK(B > 0 && h > 0 && w > 0 && H > 0 && W > 0 && alpha.size(1) > 0, "zsqfast: cam_mse needs non-empty maps");
+  check_cam_table(iy, wy, H, h, "row");
+  check_cam_table(ix, wx, W, w, "column");
+  cpu::set_num_threads(at::get_num_threads());
+  return {B, alpha.size(1), h, w, H, W};
+}
+
+std::tuple<at::Tensor, at::Tensor> cam_mse(const at::Tensor& a, const at::Tensor& alpha, const at::Tensor& target,
+                                           const at::Tensor& iy, const at::Tensor& wy, const at::Tensor& ix,
+                                           const at::Tensor& wx) {
+  const auto [B, K, h, w, H, W] = check_cam(a, true, alpha, target, iy, wy, ix, wx);
+  at::Tensor s = at::empty({B, h, w}, a.options());
+  const float loss = cpu::cam_mse_fwd(a.data_ptr<float>(), alpha.data_ptr<float>(), target.data_ptr<float>(),
+                                      s.data_ptr<float>(), B, K, h, w, H, W, iy.data_ptr<int64_t>(),
+                                      wy.data_ptr<float>(), ix.data_ptr<int64_t>(), wx.data_ptr<float>());
+  at::Tensor out = at::empty({}, a.options());
+  out.fill_(loss);
+  return {out, s};
+}
+
+at::Tensor cam_mse_backward(const at::Tensor& grad, const at::Tensor& s, const at::Tensor& alpha,
+                            const at::Tensor& target, const at::Tensor& iy, const at::Tensor& wy, const at::Tensor& ix,
+                            const at::Tensor& wx) {
+  const auto [B, K, h, w, H, W] = check_cam(s, false, alpha, target, iy, wy, ix, wx);
+  TORCH_CHECK(grad.numel() == 1 && grad.device().is_cpu(), "zsqfast: cam_mse_backward grad must be a CPU scalar");
+  at::Tensor da = at::empty({B, K, h, w}, s.options());
+  cpu::cam_mse_bwd(grad.item<float>(), s.data_ptr<float>(), alpha.data_ptr<float>(), target.data_ptr<float>(),
+                   da.data_ptr<float>(), B, K, h, w, H, W, iy.data_ptr<int64_t>(), wy.data_ptr<float>(),
+                   ix.data_ptr<int64_t>(), wx.data_ptr<float>());
+  return da;
+}
+
 // ---- low-bit integer ops (CPU only): contracts in zsqfast/ops/lowbit_gemm.py and lowbit_conv2d.py
 int64_t lowbit_rows(const at::Tensor& w_packed, int64_t w_bits, int64_t K) {
   TORCH_CHECK(w_bits >= 2 && w_bits <= 8, "zsqfast: w_bits must be in 2..8, got ", w_bits);
@@ -387,6 +447,10 @@ TORCH_LIBRARY(zsqfast_ext, m) {
         "Tensor w_colsum, Tensor a_scale, Tensor a_inv_scale, Tensor a_zero, int a_bits, Tensor? bias, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   m.def("circular_conv_sep(Tensor x, Tensor wh, Tensor ww) -> Tensor");
+  m.def("cam_mse(Tensor a, Tensor alpha, Tensor target, Tensor iy, Tensor wy, Tensor ix, Tensor wx) -> "
+        "(Tensor, Tensor)");
+  m.def("cam_mse_backward(Tensor grad, Tensor s, Tensor alpha, Tensor target, Tensor iy, Tensor wy, Tensor ix, "
+        "Tensor wx) -> Tensor");
   m.def("cpu_isa() -> str", &zsqfast::cpu_isa);
   m.def("set_cpu_isa(str name) -> bool", &zsqfast::set_cpu_isa);
 }
@@ -399,6 +463,8 @@ TORCH_LIBRARY_IMPL(zsqfast_ext, CPU, m) {
   m.impl("bn_stats", &zsqfast::bn_stats);
   m.impl("bn_stats_backward", &zsqfast::bn_stats_backward);
   m.impl("circular_conv_sep", &zsqfast::circular_conv_sep);
+  m.impl("cam_mse", &zsqfast::cam_mse);
+  m.impl("cam_mse_backward", &zsqfast::cam_mse_backward);
   m.impl("lowbit_gemm", &zsqfast::lowbit_gemm);
   m.impl("lowbit_linear", &zsqfast::lowbit_linear);
   m.impl("lowbit_conv2d", &zsqfast::lowbit_conv2d);

@@ -38,6 +38,9 @@ for _name in CONTRACTS:
 #: the low-pass filter's banded path (zsqfast/ops/lowpass.py): C++ and Triton kernels
 register_impl("circular_conv_sep", "cpp", _native("circular_conv_sep"))
 register_impl("circular_conv_sep", "triton", _triton_impl("circular_conv_sep"))
+#: SynQ's fused CAM-alignment loss (zsqfast/ops/cam_mse.py): C++ CPU kernels (other devices: the reference)
+register_impl("cam_mse", "cpp", _native("cam_mse"))
+register_impl("cam_mse_backward", "cpp", _native("cam_mse_backward"))
 for _name in CUDA_CONTRACTS:
     register_impl(_name, "cuda", _native(_name))
 #: low-bit integer contracts with Triton and CUDA kernels (issue 3; the cpp ones are registered separately)
