@@ -15,6 +15,7 @@
 #include "../kernels.h"
 #include "isa.h"
 #include "lowbit.h"
+#include "lowbit_conv.h"
 #include "vec_scalar.h"
 
 namespace zsqfast::cpu {
@@ -232,6 +233,21 @@ bool lowbit_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, c
   else if (c.Cg == 1 && bd < 4611686018427387904.0L) depthwise<int64_t>(c, codes);
   else gemm_conv(c, codes);
   return true;
+}
+
+int lowbit_conv2d_nhwc(const float* x, bool x_nhwc, int64_t B, int64_t C, int64_t H, int64_t W, const uint8_t* w,
+                       int w_bits, int64_t OC, const float* w_scale, const int32_t* w_zero, const int32_t* w_colsum,
+                       float a_scale, float a_inv_scale, int32_t a_zero, int a_bits, const float* bias,
+                       const int64_t* geom, int64_t groups, float* y) {
+  lowbit::ImplicitConv c{x, x_nhwc, B, C, H, W, OC, C / groups * geom[0] * geom[1], 0, 0, geom[0], geom[1], geom[2],
+                         geom[3], geom[4], geom[5], geom[6], geom[7], w, w_bits, a_bits, w_scale, bias, w_zero,
+                         w_colsum, a_scale, a_inv_scale, a_zero, y};
+  c.Ho = (H + 2 * c.ph - c.dh * (c.kh - 1) - 1) / c.sh + 1;
+  c.Wo = (W + 2 * c.pw - c.dw * (c.kw - 1) - 1) / c.sw + 1;
+  if (!lowbit::implicit_conv_applies(c, groups)) return 0;
+  if (B <= 0 || OC <= 0 || c.Ho <= 0 || c.Wo <= 0) return 1;
+  const lowbit::ThreadLimit limit(lowbit::threads_for_macs(double(B) * double(c.Ho * c.Wo) * double(c.K) * double(OC)));
+  return lowbit::implicit_conv(c) ? 1 : -1;
 }
 
 }  // namespace zsqfast::cpu
