@@ -391,16 +391,17 @@ bool implicit_conv(const ImplicitConv& c) {
   const int threads = threads_for(c.B);
   bool ok = true;
   const int64_t chunks = c.B >= threads ? c.B : 1;  // images in parallel (one image: one thread)
+  uint8_t* const Xp = X.data();  // (X is thread_local: its pointer, not its name, goes into the region)
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && chunks > 1) reduction(&& : ok)
   for (int64_t b = 0; b < chunks; ++b)
-    ok = quantize_nhwc(c, chunks == 1 ? 0 : b, chunks == 1 ? c.B : b + 1, Cs, X.data(), Sp) && ok;
+    ok = quantize_nhwc(c, chunks == 1 ? 0 : b, chunks == 1 ? c.B : b + 1, Cs, Xp, Sp) && ok;
   if (!ok) return false;
   std::vector<uint8_t> pad(size_t(Cs), 0);  // a padded tap: the code za of 0.0, 0 in the pad channels
   std::memset(pad.data(), int(c.za), size_t(c.C));
   const int nr = c.OC <= 16 ? 16 : 32;
   const auto panels = panels_for(c, Cs, nr);
-  if (nr == 16) gemm<1>(c, Cs, X.data(), Sp, pad.data(), panels->data.data());
-  else gemm<2>(c, Cs, X.data(), Sp, pad.data(), panels->data.data());
+  if (nr == 16) gemm<1>(c, Cs, Xp, Sp, pad.data(), panels->data.data());
+  else gemm<2>(c, Cs, Xp, Sp, pad.data(), panels->data.data());
   if (X.capacity() > (size_t(64) << 20)) {  // do not keep a huge code buffer alive between calls
     X = {};
     S = {};
