@@ -10,9 +10,9 @@
 //      channels 0. Built once per weight CONTENT: a cache keyed by the packed pointer and verified by comparing
 //      the packed bytes and zero points on every call (exact: a changed or reallocated weight is never served
 //      stale).
-//   3. GEMM over M = B Ho Wo output pixels (rows in NHWC order), row blocks of 8: each row's tap t points
-//      into X (or a pad row holding za, 0 in the pad channels), the microkernel broadcasts 4 codes of each
-//      row and multiplies them with the panel (vpdpbusd); no im2col buffer. Threads split the row blocks
+//   3. GEMM over M = B Ho Wo output pixels (rows in NHWC order), row blocks of 8: X is spatially padded (the
+//      ring holds the code za, 0 in the pad channels), so row r's tap t is at corner[r] + offset[t]; the
+//      microkernel broadcasts 4 codes of each row and multiplies them with the panel (vpdpbusd); no im2col. Threads split the row blocks
 //      (N only when there are too few of them).
 //   4. Fused epilogue (int32: exact since the result fits), y NHWC: with acc = sum ua (uw - zw),
 //      c = sum (ua - za)(uw - zw) = acc + za (K zw - cw) (no activation row sums), y = fp32(c) fp32(sa sw) + bias.
@@ -94,44 +94,70 @@ inline int64_t sum16(__m128i v) {  // sum of 16 bytes
   return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
 }
 
-// Codes of images [b0, b1) into X (NHWC, Cs bytes a pixel) and their per-pixel sums into S. NCHW input:
-// blocks of 16 channels x 16 pixels quantized along the planes and transposed; NHWC input: pixel by pixel.
-bool quantize_nhwc(const ImplicitConv& c, int64_t b0, int64_t b1, int64_t Cs, uint8_t* X, int32_t* S) {
+// The padded NHWC code buffer: image b, padded row hp, padded column wp at X[((b Hp + hp) Wp + wp) Cs],
+// Hp = H + 2 ph, Wp = W + 2 pw; the ring holds the pad code row (za, 0 in the pad channels) and S = C za.
+struct Geo {
+  int64_t Cs, Hp, Wp;
+  explicit Geo(const ImplicitConv& c) : Cs((c.C + 15) / 16 * 16), Hp(c.H + 2 * c.ph), Wp(c.W + 2 * c.pw) {}
+  int64_t pix(int64_t b, int64_t h, int64_t w) const { return (b * Hp + h) * Wp + w; }  // padded coordinates
+};
+
+// Codes of images [b0, b1) into X (and, when S, the per-pixel sums). NCHW input: blocks of 16 channels x 16
+// pixels quantized along the planes and transposed; NHWC input: pixel by pixel. Then the pad ring.
+bool quantize_nhwc(const ImplicitConv& c, const Geo& G, int64_t b0, int64_t b1, const uint8_t* padrow, uint8_t* X,
+                   int32_t* S) {
   const Quant qz(c.inv, c.za, c.a_bits);
-  const int64_t HW = c.H * c.W;
+  const int64_t HW = c.H * c.W, Cs = G.Cs;
   __mmask16 nan = 0;
   for (int64_t b = b0; b < b1; ++b) {
     const float* xb = c.x + b * c.C * HW;
-    uint8_t* Xb = X + b * HW * Cs;
-    int32_t* Sb = S ? S + b * HW : nullptr;
     if (c.x_nhwc) {
-      for (int64_t p = 0; p < HW; ++p) {
-        int64_t sum = 0;
+      for (int64_t h = 0; h < c.H; ++h)
+        for (int64_t w = 0; w < c.W; ++w) {
+          const int64_t o = G.pix(b, h + c.ph, w + c.pw);
+          const float* xp = xb + (h * c.W + w) * c.C;
+          int64_t sum = 0;
+          for (int64_t c0 = 0; c0 < Cs; c0 += 16) {
+            const __m128i q = qz(xp + c0, lanes(c.C - c0), &nan);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(X + o * Cs + c0), q);
+            if (S) sum += sum16(q);
+          }
+          if (S) S[o] = int32_t(sum);
+        }
+    } else {
+      for (int64_t p0 = 0; p0 < HW; p0 += 16) {
+        const __mmask16 mp = lanes(HW - p0);
+        const int64_t np = std::min<int64_t>(16, HW - p0);
+        int64_t dst[16];
+        for (int i = 0; i < np; ++i) dst[i] = G.pix(b, (p0 + i) / c.W + c.ph, (p0 + i) % c.W + c.pw);
+        int32_t sums[16] = {};
         for (int64_t c0 = 0; c0 < Cs; c0 += 16) {
-          const __m128i q = qz(xb + p * c.C + c0, lanes(c.C - c0), &nan);
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(Xb + p * Cs + c0), q);
-          if (S) sum += sum16(q);
+          __m128i r[16];
+          for (int i = 0; i < 16; ++i)
+            r[i] = c0 + i < c.C ? qz(xb + (c0 + i) * HW + p0, mp, &nan) : _mm_setzero_si128();
+          transpose16(r);
+          for (int i = 0; i < np; ++i) {
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(X + dst[i] * Cs + c0), r[i]);
+            if (S) sums[i] += int32_t(sum16(r[i]));
+          }
         }
-        if (S) Sb[p] = int32_t(sum);
+        if (S)
+          for (int i = 0; i < np; ++i) S[dst[i]] = sums[i];
       }
-      continue;
     }
-    for (int64_t p0 = 0; p0 < HW; p0 += 16) {
-      const __mmask16 mp = lanes(HW - p0);
-      const int64_t np = std::min<int64_t>(16, HW - p0);
-      int32_t sums[16] = {};
-      for (int64_t c0 = 0; c0 < Cs; c0 += 16) {
-        __m128i r[16];
-        for (int i = 0; i < 16; ++i)
-          r[i] = c0 + i < c.C ? qz(xb + (c0 + i) * HW + p0, mp, &nan) : _mm_setzero_si128();
-        transpose16(r);
-        for (int i = 0; i < np; ++i) {
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(Xb + (p0 + i) * Cs + c0), r[i]);
-          if (S) sums[i] += int32_t(sum16(r[i]));
-        }
+    auto fill = [&](int64_t h, int64_t w0, int64_t w1) {  // pad pixels [w0, w1) of padded row h
+      for (int64_t w = w0; w < w1; ++w) {
+        std::memcpy(X + G.pix(b, h, w) * Cs, padrow, size_t(Cs));
+        if (S) S[G.pix(b, h, w)] = int32_t(c.C * c.za);
       }
-      if (S)
-        for (int i = 0; i < np; ++i) Sb[p0 + i] = sums[i];
+    };
+    for (int64_t h = 0; h < G.Hp; ++h) {
+      if (h < c.ph || h >= c.ph + c.H) {
+        fill(h, 0, G.Wp);
+      } else {
+        fill(h, 0, c.pw);
+        fill(h, c.pw + c.W, G.Wp);
+      }
     }
   }
   return nan == 0;
@@ -225,16 +251,16 @@ std::shared_ptr<const Panels> panels_for(const ImplicitConv& c, int64_t Cs, int 
 // ------------------------------------------------------------------------------------------------- GEMM
 constexpr int kRows = 8;  // output pixels of a register block
 
-// tile (8 x 16 NV) = the row block's codes (row r, tap t at rows[t * 8 + r], Cs = 4 cq codes) x panel.
+// tile (8 x 16 NV) = the row block's codes x panel: row r's tap t at base[r] + off[t] (Cs = 4 cq codes).
 template <int NV>
-__attribute__((noinline)) void ukr(const uint8_t* const* rows, int64_t T, int64_t cq, const uint8_t* panel,
-                                   int32_t* tile) {
+__attribute__((noinline)) void ukr(const uint8_t* const* base, const int64_t* off, int64_t T, int64_t cq,
+                                   const uint8_t* panel, int32_t* tile) {
   __m512i acc[kRows][NV];
   for (int r = 0; r < kRows; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_si512();
   for (int64_t t = 0; t < T; ++t) {
     const uint8_t* a[kRows];
-    for (int r = 0; r < kRows; ++r) a[r] = rows[t * kRows + r];
+    for (int r = 0; r < kRows; ++r) a[r] = base[r] + off[t];
     for (int64_t q = 0; q < cq; ++q, panel += NV * 64) {
       __m512i b[NV];
       for (int v = 0; v < NV; ++v) b[v] = _mm512_loadu_si512(panel + v * 64);
@@ -281,48 +307,37 @@ void finish(const ImplicitConv& c, const Epi& e, int64_t m0, int64_t mr, int64_t
   }
 }
 
-struct Rows {  // the tap pointers and row sums of one row block
-  const uint8_t* p[64 * kRows];
+struct Rows {  // the window corners (padded coordinates) and row sums of one row block
+  const uint8_t* base[kRows];
   int32_t ra[kRows];
 };
 
-struct Taps {  // per call: pixel offset of each tap from the window's corner
-  int64_t off[64];
-  explicit Taps(const ImplicitConv& c) {
+struct Taps {  // per call: byte offset of each tap from the window's corner, and in pixels (for S)
+  int64_t off[64], poff[64];
+  Taps(const ImplicitConv& c, const Geo& G) {
     for (int64_t i = 0; i < c.kh; ++i)
-      for (int64_t j = 0; j < c.kw; ++j) off[i * c.kw + j] = i * c.dh * c.W + j * c.dw;
+      for (int64_t j = 0; j < c.kw; ++j) {
+        poff[i * c.kw + j] = i * c.dh * G.Wp + j * c.dw;
+        off[i * c.kw + j] = poff[i * c.kw + j] * G.Cs;
+      }
   }
 };
 
-void setup_rows(const ImplicitConv& c, const Taps& tp, int64_t Cs, const uint8_t* X, const int32_t* S,
-                const uint8_t* pad, int64_t m0, Rows& R) {
-  const int64_t P = c.Ho * c.Wo, M = c.B * P, T = c.kh * c.kw, padsum = c.C * int64_t(c.za);
+void setup_rows(const ImplicitConv& c, const Geo& G, const Taps& tp, const uint8_t* X, const int32_t* S, int64_t m0,
+                Rows& R) {
+  const int64_t P = c.Ho * c.Wo, M = c.B * P, T = c.kh * c.kw;
   int64_t b = m0 / P, oh = (m0 % P) / c.Wo, ow = m0 % c.Wo;
   for (int r = 0; r < kRows; ++r) {
-    const int64_t m = m0 + r;
-    if (m >= M) {  // past the last pixel: any valid pointer (the row is not stored)
-      for (int64_t t = 0; t < T; ++t) R.p[t * kRows + r] = pad;
+    if (m0 + r >= M) {  // past the last pixel: any window inside the buffer (the row is not stored)
+      R.base[r] = X;
       R.ra[r] = 0;
       continue;
     }
-    const int64_t ih0 = oh * c.sh - c.ph, iw0 = ow * c.sw - c.pw;
+    const int64_t corner = G.pix(b, oh * c.sh, ow * c.sw);
+    R.base[r] = X + corner * G.Cs;
     int64_t s = 0;
-    if (ih0 >= 0 && ih0 + (c.kh - 1) * c.dh < c.H && iw0 >= 0 && iw0 + (c.kw - 1) * c.dw < c.W) {
-      const int64_t base = (b * c.H + ih0) * c.W + iw0;  // the whole window inside the image
-      for (int64_t t = 0; t < T; ++t) R.p[t * kRows + r] = X + (base + tp.off[t]) * Cs;
-      if (S)
-        for (int64_t t = 0; t < T; ++t) s += S[base + tp.off[t]];
-    } else {
-      for (int64_t i = 0; i < c.kh; ++i) {
-        const int64_t ih = ih0 + i * c.dh;
-        for (int64_t j = 0; j < c.kw; ++j) {
-          const int64_t iw = iw0 + j * c.dw, t = i * c.kw + j;
-          const bool in = ih >= 0 && ih < c.H && iw >= 0 && iw < c.W;
-          R.p[t * kRows + r] = in ? X + ((b * c.H + ih) * c.W + iw) * Cs : pad;
-          if (S) s += in ? S[(b * c.H + ih) * c.W + iw] : padsum;
-        }
-      }
-    }
+    if (S)
+      for (int64_t t = 0; t < T; ++t) s += S[corner + tp.poff[t]];
     R.ra[r] = int32_t(s);
     if (++ow == c.Wo) {
       ow = 0;
@@ -332,14 +347,13 @@ void setup_rows(const ImplicitConv& c, const Taps& tp, int64_t Cs, const uint8_t
 }
 
 template <int NV>
-void gemm(const ImplicitConv& c, int64_t Cs, const uint8_t* X, const int32_t* S, const uint8_t* pad,
-          const uint8_t* panels) {
+void gemm(const ImplicitConv& c, const Geo& G, const uint8_t* X, const int32_t* S, const uint8_t* panels) {
   constexpr int64_t NR = NV * 16;
-  const int64_t T = c.kh * c.kw, Kc = T * Cs, M = c.B * c.Ho * c.Wo, nblk = (M + kRows - 1) / kRows;
+  const int64_t T = c.kh * c.kw, Kc = T * G.Cs, M = c.B * c.Ho * c.Wo, nblk = (M + kRows - 1) / kRows;
   const int64_t np = (c.OC + NR - 1) / NR;
   const int64_t kPanels = std::clamp<int64_t>((int64_t(512) << 10) / (Kc * NR), 1, np), ng = (np + kPanels - 1) / kPanels;
   const Epi e(c);
-  const Taps tp(c);
+  const Taps tp(c, G);
   const int threads = threads_for(nblk);
   const bool split_n = threads > 1 && nblk < 4 * threads && ng >= threads;
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -356,9 +370,9 @@ void gemm(const ImplicitConv& c, int64_t Cs, const uint8_t* X, const int32_t* S,
     for (int64_t pg = g0; pg < g1; ++pg)
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t m0 = i * kRows, mr = std::min<int64_t>(kRows, M - m0);
-        setup_rows(c, tp, Cs, X, S, pad, m0, *R);
+        setup_rows(c, G, tp, X, S, m0, *R);
         for (int64_t p = pg * kPanels; p < std::min(np, (pg + 1) * kPanels); ++p) {
-          ukr<NV>(R->p, T, Cs / 4, panels + p * Kc * NR, tile);
+          ukr<NV>(R->base, tp.off, T, G.Cs / 4, panels + p * Kc * NR, tile);
           finish<NV>(c, e, m0, mr, p * NR, R->ra, tile);
         }
       }
@@ -382,26 +396,28 @@ bool implicit_conv_applies(const ImplicitConv& c, int64_t groups) {
 }
 
 bool implicit_conv(const ImplicitConv& c) {
-  const int64_t Cs = (c.C + 15) / 16 * 16, HW = c.H * c.W, npix = c.B * HW;
-  thread_local std::vector<uint8_t, NoInit<uint8_t>> X;
+  const Geo G(c);
+  const int64_t npix = c.B * G.Hp * G.Wp;
+  thread_local std::vector<uint8_t, NoInit<uint8_t>> X;  // reused between calls (no page faults)
   thread_local std::vector<int32_t, NoInit<int32_t>> S;
-  X.resize(size_t(npix * Cs));
+  X.resize(size_t(npix * G.Cs));
   S.resize(c.w_bits == 8 ? size_t(npix) : 0);
-  int32_t* Sp = c.w_bits == 8 ? S.data() : nullptr;  // pixel code sums: only 8-bit weights need row sums
+  // (thread_local: the pointers, not the names, go into the parallel regions)
+  uint8_t* const Xp = X.data();
+  int32_t* const Sp = c.w_bits == 8 ? S.data() : nullptr;  // pixel code sums: only 8-bit weights need row sums
+  std::vector<uint8_t> padrow(size_t(G.Cs), 0);  // a padded pixel: the code za of 0.0, 0 in the pad channels
+  std::memset(padrow.data(), int(c.za), size_t(c.C));
   const int threads = threads_for(c.B);
-  bool ok = true;
   const int64_t chunks = c.B >= threads ? c.B : 1;  // images in parallel (one image: one thread)
-  uint8_t* const Xp = X.data();  // (X is thread_local: its pointer, not its name, goes into the region)
+  bool ok = true;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && chunks > 1) reduction(&& : ok)
   for (int64_t b = 0; b < chunks; ++b)
-    ok = quantize_nhwc(c, chunks == 1 ? 0 : b, chunks == 1 ? c.B : b + 1, Cs, Xp, Sp) && ok;
+    ok = quantize_nhwc(c, G, chunks == 1 ? 0 : b, chunks == 1 ? c.B : b + 1, padrow.data(), Xp, Sp) && ok;
   if (!ok) return false;
-  std::vector<uint8_t> pad(size_t(Cs), 0);  // a padded tap: the code za of 0.0, 0 in the pad channels
-  std::memset(pad.data(), int(c.za), size_t(c.C));
   const int nr = c.OC <= 16 ? 16 : 32;
-  const auto panels = panels_for(c, Cs, nr);
-  if (nr == 16) gemm<1>(c, Cs, Xp, Sp, pad.data(), panels->data.data());
-  else gemm<2>(c, Cs, Xp, Sp, pad.data(), panels->data.data());
+  const auto panels = panels_for(c, G.Cs, nr);
+  if (nr == 16) gemm<1>(c, G, Xp, Sp, panels->data.data());
+  else gemm<2>(c, G, Xp, Sp, panels->data.data());
   if (X.capacity() > (size_t(64) << 20)) {  // do not keep a huge code buffer alive between calls
     X = {};
     S = {};
