@@ -111,7 +111,23 @@ bool quantize_nhwc(const ImplicitConv& c, const Geo& G, int64_t b0, int64_t b1, 
   __mmask16 nan = 0;
   for (int64_t b = b0; b < b1; ++b) {
     const float* xb = c.x + b * c.C * HW;
-    if (c.x_nhwc) {
+    if (c.x_nhwc && c.C == Cs && !S) {  // image rows are contiguous runs of W C codes: one flat loop a row
+      for (int64_t h = 0; h < c.H; ++h) {
+        const float* xr = xb + h * c.W * c.C;
+        uint8_t* o = X + G.pix(b, h + c.ph, c.pw) * Cs;
+        const int64_t n = c.W * c.C;  // a multiple of 16
+        int64_t k = 0;
+        for (; k + 64 <= n; k += 64) {
+          const __m128i q0 = qz(xr + k, 0xFFFF, &nan), q1 = qz(xr + k + 16, 0xFFFF, &nan);
+          const __m128i q2 = qz(xr + k + 32, 0xFFFF, &nan), q3 = qz(xr + k + 48, 0xFFFF, &nan);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k), q0);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k + 16), q1);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k + 32), q2);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k + 48), q3);
+        }
+        for (; k < n; k += 16) _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k), qz(xr + k, 0xFFFF, &nan));
+      }
+    } else if (c.x_nhwc) {
       for (int64_t h = 0; h < c.H; ++h)
         for (int64_t w = 0; w < c.W; ++w) {
           const int64_t o = G.pix(b, h + c.ph, w + c.pw);
