@@ -307,18 +307,21 @@ template <int NV>
 void finish(const ImplicitConv& c, const Epi& e, int64_t m0, int64_t mr, int64_t n0, const int32_t* ra,
             const int32_t* tile) {
   const int64_t nr = std::min<int64_t>(NV * 16, c.OC - n0);
-  for (int64_t r = 0; r < mr; ++r) {
-    const __m512i rv = _mm512_set1_epi32(ra[r]), r128 = _mm512_set1_epi32(128 * ra[r]);
-    float* yr = c.y + (m0 + r) * c.OC;
-    for (int64_t j = 0; j < nr; j += 16) {
-      const __mmask16 k = lanes(nr - j);
-      const int64_t n = n0 + j;
-      __m512i v = _mm512_add_epi32(_mm512_loadu_si512(tile + r * NV * 16 + j), _mm512_maskz_loadu_epi32(k, e.zd.data() + n));
+  for (int64_t j = 0; j < nr; j += 16) {  // the column terms once, then the rows
+    const __mmask16 k = lanes(nr - j);
+    const int64_t n = n0 + j;
+    const __m512i zd = _mm512_maskz_loadu_epi32(k, e.zd.data() + n);
+    const __m512 sc = _mm512_maskz_loadu_ps(k, e.s.data() + n);
+    const __m512 bias = c.bias ? _mm512_maskz_loadu_ps(k, c.bias + n) : _mm512_setzero_ps();
+    const __m512i zw = c.w_bits == 8 ? _mm512_maskz_loadu_epi32(k, c.w_zero + n) : _mm512_setzero_si512();
+    for (int64_t r = 0; r < mr; ++r) {
+      __m512i v = _mm512_add_epi32(_mm512_loadu_si512(tile + r * NV * 16 + j), zd);
       if (c.w_bits == 8)  // acc holds sum ua (uw - 128): + 128 ra - zw ra
-        v = _mm512_sub_epi32(_mm512_add_epi32(v, r128), _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(k, c.w_zero + n), rv));
-      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), _mm512_maskz_loadu_ps(k, e.s.data() + n));
-      if (c.bias) y = _mm512_add_ps(y, _mm512_maskz_loadu_ps(k, c.bias + n));
-      _mm512_mask_storeu_ps(yr + n, k, y);
+        v = _mm512_sub_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(128 * ra[r])),
+                             _mm512_mullo_epi32(zw, _mm512_set1_epi32(ra[r])));
+      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(v), sc);
+      if (c.bias) y = _mm512_add_ps(y, bias);
+      _mm512_mask_storeu_ps(c.y + (m0 + r) * c.OC + n, k, y);
     }
   }
 }
@@ -339,10 +342,16 @@ struct Taps {  // per call: byte offset of each tap from the window's corner, an
   }
 };
 
+struct Cursor {  // output pixel (b, oh, ow) of row m, advanced row by row (no divisions per block)
+  int64_t b, oh, ow;
+  Cursor(const ImplicitConv& c, int64_t m) : b(m / (c.Ho * c.Wo)), oh(m % (c.Ho * c.Wo) / c.Wo), ow(m % c.Wo) {}
+};
+
+// rows m0 .. m0 + 7 (cur: the pixel of m0, left at m0 + 8)
 void setup_rows(const ImplicitConv& c, const Geo& G, const Taps& tp, const uint8_t* X, const int32_t* S, int64_t m0,
-                Rows& R) {
-  const int64_t P = c.Ho * c.Wo, M = c.B * P, T = c.kh * c.kw;
-  int64_t b = m0 / P, oh = (m0 % P) / c.Wo, ow = m0 % c.Wo;
+                Cursor& cur, Rows& R) {
+  const int64_t M = c.B * c.Ho * c.Wo, T = c.kh * c.kw;
+  int64_t &b = cur.b, &oh = cur.oh, &ow = cur.ow;
   for (int r = 0; r < kRows; ++r) {
     if (m0 + r >= M) {  // past the last pixel: any window inside the buffer (the row is not stored)
       R.base[r] = X;
@@ -383,15 +392,17 @@ void gemm(const ImplicitConv& c, const Geo& G, const uint8_t* X, const int32_t* 
     alignas(64) int32_t tile[kRows * NR];
     const int64_t g0 = split_n ? ng * tid / nth : 0, g1 = split_n ? ng * (tid + 1) / nth : ng;
     const int64_t i0 = split_n ? 0 : nblk * tid / nth, i1 = split_n ? nblk : nblk * (tid + 1) / nth;
-    for (int64_t pg = g0; pg < g1; ++pg)
+    for (int64_t pg = g0; pg < g1; ++pg) {
+      Cursor cur(c, std::min(i0 * kRows, M - 1));
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t m0 = i * kRows, mr = std::min<int64_t>(kRows, M - m0);
-        setup_rows(c, G, tp, X, S, m0, *R);
+        setup_rows(c, G, tp, X, S, m0, cur, *R);
         for (int64_t p = pg * kPanels; p < std::min(np, (pg + 1) * kPanels); ++p) {
           ukr<NV>(R->base, tp.off, T, G.Cs / 4, panels + p * Kc * NR, tile);
           finish<NV>(c, e, m0, mr, p * NR, R->ra, tile);
         }
       }
+    }
   }
 }
 
