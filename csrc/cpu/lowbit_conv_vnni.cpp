@@ -37,16 +37,7 @@
 namespace zsqfast::cpu::lowbit {
 namespace {
 
-inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {  // see lowbit_gemm_vnni.cpp (asm: no acc copies)
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
-  return acc;
-}
-
-inline __m512i bcast4(const uint8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
+#include "vnni_ops.inc"
 
 // 16 codes of 16 floats (lanes outside `m` give code 0); NaN lanes flagged in *nan.
 struct Quant {
