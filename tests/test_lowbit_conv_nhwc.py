@@ -1,7 +1,7 @@
-"""The implicit-GEMM NHWC convolution (csrc/cpu/lowbit_conv_vnni.cpp, taken on AVX-512 VNNI for groups == 1
-with exact padding) against the reference integer semantics, bit for bit: awkward shapes, NCHW and
-channels_last inputs, batches large enough for the threaded paths, its weight-panel cache, and the
-channels_last result every backend returns."""
+"""The NHWC convolutions on AVX-512 VNNI (csrc/cpu/lowbit_conv_vnni.cpp: implicit GEMM for groups == 1;
+lowbit_dw_vnni.cpp: depthwise), taken with exact padding, against the reference integer semantics, bit for
+bit: awkward shapes, NCHW and channels_last inputs, batches large enough for the threaded paths, the
+weight-panel cache, and the channels_last result every backend returns."""
 import pytest
 import torch
 
@@ -45,6 +45,34 @@ def test_implicit_conv_exact(case, channels_last):
             got, want = both(CV.lowbit_conv2d_op, *args)
             assert got.is_contiguous(memory_format=torch.channels_last)
             assert_bits_equal(got, want)
+
+
+# B, C, H, W, kernel, stride, padding, dilation: depthwise (groups = C = OC) on the NHWC codes
+DEPTHWISE = [
+    (1, 16, 9, 9, 3, 1, 1, 1),
+    (2, 24, 11, 7, 3, 2, 1, 1),      # 24 channels: a channel tail; stride 2
+    (1, 8, 10, 10, 5, 1, 4, 2),      # 5x5 dilated
+    (3, 40, 6, 6, (3, 1), (1, 2), (1, 0), 1),
+    (8, 32, 28, 28, 3, 1, 1, 1),     # B >= threads: images quantized in parallel
+]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE, ids=[str(i) for i in range(len(DEPTHWISE))])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_depthwise_nhwc_exact(case, channels_last):
+    B, C, H, W, k, s, p, d = case
+    ks = _pair(k)
+    g = torch.Generator().manual_seed(C + H)
+    for wb, ab in BITS:
+        wp, sw, zw, cw = weight(C, ks[0] * ks[1], wb, g)
+        x = torch.randn(B, C, H, W, generator=g) * 2
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for za_v in (0, 3, (1 << ab) - 1):
+            za = torch.tensor([za_v], dtype=torch.int32)
+            bias = torch.randn(C, generator=g) if za_v == 3 else None
+            args = (x, wp, sw, zw, cw, torch.tensor([0.15]), za, ab, wb, ks, _pair(s), _pair(p), _pair(d), C, bias)
+            assert_bits_equal(*both(CV.lowbit_conv2d_op, *args))
 
 
 def test_weight_cache_follows_the_weight_content():

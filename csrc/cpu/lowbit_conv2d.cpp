@@ -241,10 +241,11 @@ int lowbit_conv2d_nhwc(const float* x, bool x_nhwc, int64_t B, int64_t C, int64_
                        const int64_t* geom, int64_t groups, float* y) {
   const Conv c = make_conv(x, x_nhwc, B, C, H, W, w, w_bits, OC, w_scale, w_zero, w_colsum, a_scale, a_inv_scale,
                            a_zero, a_bits, bias, geom, groups, y);
-  if (!lowbit::implicit_conv_applies(c, groups)) return 0;
+  const bool dw = lowbit::depthwise_nhwc_applies(c, groups);
+  if (!dw && !lowbit::implicit_conv_applies(c, groups)) return 0;
   if (B <= 0 || OC <= 0 || c.Ho <= 0 || c.Wo <= 0) return 1;
   const lowbit::ThreadLimit limit(lowbit::threads_for_macs(double(B) * double(c.Ho * c.Wo) * double(c.K) * double(OC)));
-  return lowbit::implicit_conv(c) ? 1 : -1;
+  return (dw ? lowbit::depthwise_nhwc(c) : lowbit::implicit_conv(c)) ? 1 : -1;
 }
 
 }  // namespace zsqfast::cpu

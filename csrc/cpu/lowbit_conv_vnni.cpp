@@ -85,14 +85,6 @@ inline int64_t sum16(__m128i v) {  // sum of 16 bytes
   return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
 }
 
-// The padded NHWC code buffer: image b, padded row hp, padded column wp at X[((b Hp + hp) Wp + wp) Cs],
-// Hp = H + 2 ph, Wp = W + 2 pw; the ring holds the pad code row (za, 0 in the pad channels) and S = C za.
-struct Geo {
-  int64_t Cs, Hp, Wp;
-  explicit Geo(const ImplicitConv& c) : Cs((c.C + 15) / 16 * 16), Hp(c.H + 2 * c.ph), Wp(c.W + 2 * c.pw) {}
-  int64_t pix(int64_t b, int64_t h, int64_t w) const { return (b * Hp + h) * Wp + w; }  // padded coordinates
-};
-
 // Codes of images [b0, b1) into X (and, when S, the per-pixel sums). NCHW input: blocks of 16 channels x 16
 // pixels quantized along the planes and transposed; NHWC input: pixel by pixel. Then the pad ring.
 bool quantize_nhwc(const ImplicitConv& c, const Geo& G, int64_t b0, int64_t b1, const uint8_t* padrow, uint8_t* X,
@@ -413,16 +405,7 @@ bool implicit_conv_applies(const ImplicitConv& c, int64_t groups) {
   return (long double)(c.K) * da * dw < 2147483648.0L;  // the exact result fits int32 (narrow_epilogue)
 }
 
-bool implicit_conv(const ImplicitConv& c) {
-  const Geo G(c);
-  const int64_t npix = c.B * G.Hp * G.Wp;
-  thread_local std::vector<uint8_t, NoInit<uint8_t>> X;  // reused between calls (no page faults)
-  thread_local std::vector<int32_t, NoInit<int32_t>> S;
-  X.resize(size_t(npix * G.Cs));
-  S.resize(c.w_bits == 8 ? size_t(npix) : 0);
-  // (thread_local: the pointers, not the names, go into the parallel regions)
-  uint8_t* const Xp = X.data();
-  int32_t* const Sp = c.w_bits == 8 ? S.data() : nullptr;  // pixel code sums: only 8-bit weights need row sums
+bool codes_nhwc(const ImplicitConv& c, const Geo& G, uint8_t* X, int32_t* S) {
   std::vector<uint8_t> padrow(size_t(G.Cs), 0);  // a padded pixel: the code za of 0.0, 0 in the pad channels
   std::memset(padrow.data(), int(c.za), size_t(c.C));
   const int threads = threads_for(c.B);
@@ -430,17 +413,39 @@ bool implicit_conv(const ImplicitConv& c) {
   bool ok = true;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && chunks > 1) reduction(&& : ok)
   for (int64_t b = 0; b < chunks; ++b)
-    ok = quantize_nhwc(c, G, chunks == 1 ? 0 : b, chunks == 1 ? c.B : b + 1, padrow.data(), Xp, Sp) && ok;
-  if (!ok) return false;
+    ok = quantize_nhwc(c, G, chunks == 1 ? 0 : b, chunks == 1 ? c.B : b + 1, padrow.data(), X, S) && ok;
+  return ok;
+}
+
+bool implicit_conv(const ImplicitConv& c) {
+  const Geo G(c);
+  CodeBuffer buf(c, G, c.w_bits == 8);  // pixel code sums: only 8-bit weights need row sums
+  if (!codes_nhwc(c, G, buf.X, buf.S)) return false;
   const int nr = c.OC <= 16 ? 16 : 32;
   const auto panels = panels_for(c, G.Cs, nr);
-  if (nr == 16) gemm<1>(c, G, Xp, Sp, panels->data.data());
-  else gemm<2>(c, G, Xp, Sp, panels->data.data());
-  if (X.capacity() > (size_t(64) << 20)) {  // do not keep a huge code buffer alive between calls
-    X = {};
-    S = {};
-  }
+  if (nr == 16) gemm<1>(c, G, buf.X, buf.S, panels->data.data());
+  else gemm<2>(c, G, buf.X, buf.S, panels->data.data());
   return true;
+}
+
+namespace {
+thread_local std::vector<uint8_t, NoInit<uint8_t>> t_codes;  // reused between calls (no page faults)
+thread_local std::vector<int32_t, NoInit<int32_t>> t_sums;
+}  // namespace
+
+CodeBuffer::CodeBuffer(const ImplicitConv& c, const Geo& G, bool sums) {
+  const int64_t npix = c.B * G.Hp * G.Wp;
+  t_codes.resize(size_t(npix * G.Cs));
+  t_sums.resize(sums ? size_t(npix) : 0);
+  X = t_codes.data();  // (thread_local: the pointers, not the names, go into the parallel regions)
+  S = sums ? t_sums.data() : nullptr;
+}
+
+CodeBuffer::~CodeBuffer() {
+  if (t_codes.capacity() > (size_t(64) << 20)) {  // do not keep a huge code buffer alive between calls
+    t_codes = {};
+    t_sums = {};
+  }
 }
 
 }  // namespace zsqfast::cpu::lowbit
