@@ -54,8 +54,6 @@ struct Quant {
   }
 };
 
-inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n > 0 ? __mmask16((1u << n) - 1) : 0; }
-
 // In-register transpose of 16 x 16 bytes: byte j of r[i] -> byte i of r[j] (unpack stages of 8, 16, 32, 64 bits).
 inline void transpose16(__m128i r[16]) {
   __m128i a[16], b[16], c[16];

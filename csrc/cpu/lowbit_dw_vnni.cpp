@@ -5,9 +5,6 @@
 //   y[b, oh, ow, c] = fp32(sum_t (X[corner + t, c] - za) (uw[c, t] - zw[c])) * fp32(sa sw[c]) + bias[c]
 // with 16 channels a vector: int32 products of the centred codes (exact: |sum| <= taps 255 255 < 2^31), the
 // padded ring holding za (centred 0). y is written NHWC.
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #include <immintrin.h>
 
 #include <algorithm>
@@ -22,7 +19,7 @@
 namespace zsqfast::cpu::lowbit {
 namespace {
 
-inline __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n > 0 ? __mmask16((1u << n) - 1) : 0; }
+#include "vnni_ops.inc"
 
 // weight code (n, k) of the packed layout (zsqfast/ops/lowbit_pack.py)
 int32_t wcode(const ImplicitConv& c, int64_t n, int64_t k) {
