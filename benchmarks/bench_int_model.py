@@ -2,9 +2,10 @@
 
 Models (the issue's): CIFAR ResNet-20 at 32x32, batch 1 and 256 (the pretrained checkpoint of ../shared/data
 when present, else random weights; both calibrated on Gaussian noise), timm resnet18 at 224x224 (random
-weights), batch 1 and 16. Columns: median latency (ms) of each, the ratios fp32 / int (> 1: the integer
-model is faster) and fake-quant / int, and the conv/linear weight bytes, each with its ratio to the fp32
-weights (``x``: how many times smaller):
+weights), batch 1 and 16. Columns: median latency (ms) of each, also of fp32 eager in channels_last memory
+order (``fp32_cl``: the integer model runs channels_last internally, so this is the like-for-like float
+anchor), the ratios fp32 / int (> 1: the integer model is faster), fp32_cl / int and fake-quant / int, and the
+conv/linear weight bytes, each with its ratio to the fp32 weights (``x``: how many times smaller):
 
 * ``w_fp32_KB``: the float model's conv/linear weights (fp32; biases not counted, as on the other columns).
 * ``disk_KB``: the same weights in the file :func:`zsqfast.save_integer_model` writes (format 2): the codes
@@ -24,6 +25,7 @@ Run: python benchmarks/bench_int_model.py [--threads 2] [--quick]   (--quick: sm
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import tempfile
@@ -82,12 +84,16 @@ def run(quick: bool) -> list[dict]:
         sizes = {"w_fp32_KB": wb_fp / 1024}
         for col, b in (("disk", wb_disk), ("file", wb_file), ("mem", wb_mem)):
             sizes.update({f"{col}_KB": b / 1024, f"{col}_x": wb_fp / b})
+        fp_cl = copy.deepcopy(fp).to(memory_format=torch.channels_last)
         for bs in batches:
             x = torch.randn(bs, 3, hw, hw, generator=g)
+            xcl = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 t_fp, t_fq, t_int = (_time(lambda m=m: m(x)) for m in (fp, q, im))
-            rows.append({"model": name, "batch": bs, "fp32_ms": t_fp * 1e3, "fakeq_ms": t_fq * 1e3,
-                         "int_ms": t_int * 1e3, "fp32/int": t_fp / t_int, "fakeq/int": t_fq / t_int, **sizes})
+                t_cl = _time(lambda: fp_cl(xcl))
+            rows.append({"model": name, "batch": bs, "fp32_ms": t_fp * 1e3, "fp32_cl_ms": t_cl * 1e3,
+                         "fakeq_ms": t_fq * 1e3, "int_ms": t_int * 1e3, "fp32/int": t_fp / t_int,
+                         "fp32_cl/int": t_cl / t_int, "fakeq/int": t_fq / t_int, **sizes})
     return rows
 
 
@@ -95,8 +101,9 @@ if __name__ == "__main__":
     print("lowbit_conv2d backend:", zsqfast.active_backend("cpu", "lowbit_conv2d"),
           "| lowbit_linear backend:", zsqfast.active_backend("cpu", "lowbit_linear"))
     cli(__doc__, "bench_int_model", run,
-        [("model", "24s"), ("batch", "5d"), ("fp32_ms", "10.2f"), ("fakeq_ms", "10.2f"), ("int_ms", "10.2f"),
-         ("fp32/int", "8.2f"), ("fakeq/int", "9.2f"), ("w_fp32_KB", "9.1f"), ("disk_KB", "8.1f"), ("disk_x", "6.2f"),
-         ("file_KB", "8.1f"), ("file_x", "6.2f"), ("mem_KB", "8.1f"), ("mem_x", "5.2f")],
+        [("model", "24s"), ("batch", "5d"), ("fp32_ms", "10.2f"), ("fp32_cl_ms", "10.2f"), ("fakeq_ms", "10.2f"),
+         ("int_ms", "10.2f"), ("fp32/int", "8.2f"), ("fp32_cl/int", "11.2f"), ("fakeq/int", "9.2f"),
+         ("w_fp32_KB", "9.1f"), ("disk_KB", "8.1f"), ("disk_x", "6.2f"), ("file_KB", "8.1f"), ("file_x", "6.2f"),
+         ("mem_KB", "8.1f"), ("mem_x", "5.2f")],
         legend="W4A4 (first/last layer 4-bit too); fp32/int > 1 means the integer model is faster. Timings on a "
                "shared machine are noisy.")

@@ -67,6 +67,14 @@ bool lowbit_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, c
                    int64_t OC, const float* w_scale, const int32_t* w_zero, const int32_t* w_colsum, float a_scale,
                    float a_inv_scale, int32_t a_zero, int a_bits, const float* bias, const int64_t* geom,
                    int64_t groups, float* y);
+// The same convolution with y written NHWC ((B, Ho, Wo, OC) contiguous) and x NCHW or, when x_nhwc, NHWC, by
+// the NHWC paths (csrc/cpu/lowbit_conv_vnni.cpp: implicit GEMM, groups == 1; lowbit_dw_vnni.cpp: depthwise)
+// where they apply: returns 0 (nothing written) when they do not (then call lowbit_conv2d), 1 when y is
+// written, -1 when x holds a NaN.
+int lowbit_conv2d_nhwc(const float* x, bool x_nhwc, int64_t B, int64_t C, int64_t H, int64_t W, const uint8_t* w,
+                       int w_bits, int64_t OC, const float* w_scale, const int32_t* w_zero, const int32_t* w_colsum,
+                       float a_scale, float a_inv_scale, int32_t a_zero, int a_bits, const float* bias,
+                       const int64_t* geom, int64_t groups, float* y);
 // "avx512_vnni", "avx512", "avx2" or "scalar": what the kernels dispatch to now (the best this CPU has,
 // unless force_isa chose a lower one).
 const char* isa_name();

@@ -400,8 +400,9 @@ at::Tensor lowbit_conv2d(const at::Tensor& x, const at::Tensor& w_packed, int64_
                          int64_t a_bits, const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size,
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const int64_t OC = lowbit_rows(w_packed, w_bits, K);
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 && x.is_contiguous(),
-              "zsqfast: x must be a contiguous float32 NCHW CPU tensor");
+  const bool x_nhwc = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 && (x.is_contiguous() || x_nhwc),
+              "zsqfast: x must be a float32 CPU tensor (B, C, H, W), contiguous NCHW or channels_last");
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
               "zsqfast: kernel_size, stride, padding and dilation must be pairs");
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
@@ -415,8 +416,17 @@ at::Tensor lowbit_conv2d(const at::Tensor& x, const at::Tensor& w_packed, int64_
   const int64_t Ho = (H + 2 * geom[4] - geom[6] * (geom[0] - 1) - 1) / geom[2] + 1;
   const int64_t Wo = (W + 2 * geom[5] - geom[7] * (geom[1] - 1) - 1) / geom[3] + 1;
   TORCH_CHECK(Ho >= 1 && Wo >= 1, "zsqfast: the kernel does not fit the input");
-  at::Tensor y = at::empty({x.size(0), OC, Ho, Wo}, x.options());
-  const bool ok = cpu::lowbit_conv2d(x.data_ptr<float>(), x.size(0), C, H, W, w_packed.data_ptr<uint8_t>(), int(w_bits), OC,
+  // the implicit-GEMM path writes channels_last y; the others take NCHW x and write NCHW y
+  at::Tensor y = at::empty({x.size(0), OC, Ho, Wo}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int done = cpu::lowbit_conv2d_nhwc(x.data_ptr<float>(), x_nhwc, x.size(0), C, H, W, w_packed.data_ptr<uint8_t>(),
+                     int(w_bits), OC, w_scale.data_ptr<float>(), w_zero.data_ptr<int32_t>(), w_colsum.data_ptr<int32_t>(),
+                     a_scale.data_ptr<float>()[0], a_inv_scale.data_ptr<float>()[0], a_zero.data_ptr<int32_t>()[0],
+                     int(a_bits), bias.has_value() ? bias->data_ptr<float>() : nullptr, geom, groups, y.data_ptr<float>());
+  TORCH_CHECK_VALUE(done >= 0, "x contains NaN: integer activations have no NaN code");
+  if (done) return y;
+  const at::Tensor xc = x.contiguous();
+  y = at::empty({x.size(0), OC, Ho, Wo}, x.options());
+  const bool ok = cpu::lowbit_conv2d(xc.data_ptr<float>(), x.size(0), C, H, W, w_packed.data_ptr<uint8_t>(), int(w_bits), OC,
                      w_scale.data_ptr<float>(), w_zero.data_ptr<int32_t>(), w_colsum.data_ptr<int32_t>(),
                      a_scale.data_ptr<float>()[0], a_inv_scale.data_ptr<float>()[0], a_zero.data_ptr<int32_t>()[0],
                      int(a_bits), bias.has_value() ? bias->data_ptr<float>() : nullptr, geom, groups,

@@ -56,7 +56,7 @@ def _cuda_lowbit_conv2d(*args):
     from .ops.lowbit_conv2d import inexact_padding_reference
 
     y = inexact_padding_reference(*args)
-    return torch.ops.zsqfast_ext.lowbit_conv2d(*args) if y is None else y
+    return torch.ops.zsqfast_ext.lowbit_conv2d(args[0].contiguous(), *args[1:]) if y is None else y
 
 
 register_impl("lowbit_conv2d", "cuda", _cuda_lowbit_conv2d)

@@ -15,6 +15,7 @@
 #include "../kernels.h"
 #include "isa.h"
 #include "lowbit.h"
+#include "lowbit_conv.h"
 #include "vec_scalar.h"
 
 namespace zsqfast::cpu {
@@ -29,18 +30,22 @@ using DwFn = void (*)(const T*, int64_t, const T*, int64_t, int64_t, int64_t, in
 namespace zsqfast::cpu {
 namespace {
 
-struct Conv {
-  const float* x;
-  int64_t B, C, H, W, OC, groups, Cg, OCg, K, Ho, Wo;
-  int64_t kh, kw, sh, sw, ph, pw, dh, dw;
-  const uint8_t* w;
-  int w_bits, a_bits;
-  const float *w_scale, *bias;
-  const int32_t *w_zero, *w_colsum;
-  float sa, inv;
-  int32_t za;
-  float* y;
+struct Conv : lowbit::ImplicitConv {  // the call (x NCHW on these paths) and its group geometry
+  int64_t groups, Cg, OCg;
 };
+
+Conv make_conv(const float* x, bool x_nhwc, int64_t B, int64_t C, int64_t H, int64_t W, const uint8_t* w, int w_bits,
+               int64_t OC, const float* w_scale, const int32_t* w_zero, const int32_t* w_colsum, float a_scale,
+               float a_inv_scale, int32_t a_zero, int a_bits, const float* bias, const int64_t* geom, int64_t groups,
+               float* y) {
+  Conv c{{x, x_nhwc, B, C, H, W, OC, C / groups * geom[0] * geom[1], 0, 0, geom[0], geom[1], geom[2], geom[3],
+          geom[4], geom[5], geom[6], geom[7], w, w_bits, a_bits, w_scale, bias, w_zero, w_colsum, a_scale,
+          a_inv_scale, a_zero, y},
+         groups, C / groups, OC / groups};
+  c.Ho = (H + 2 * c.ph - c.dh * (c.kh - 1) - 1) / c.sh + 1;
+  c.Wo = (W + 2 * c.pw - c.dw * (c.kw - 1) - 1) / c.sw + 1;
+  return c;
+}
 
 int64_t row_bytes(int bits, int64_t K) { return bits <= 4 ? lowbit::padded_k(K) / 2 : lowbit::padded_k(K); }
 
@@ -217,12 +222,8 @@ bool lowbit_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, c
                    int64_t OC, const float* w_scale, const int32_t* w_zero, const int32_t* w_colsum, float a_scale,
                    float a_inv_scale, int32_t a_zero, int a_bits, const float* bias, const int64_t* geom,
                    int64_t groups, float* y) {
-  Conv c{x, B, C, H, W, OC, groups, C / groups, OC / groups, 0, 0, 0, geom[0], geom[1], geom[2], geom[3],
-         geom[4], geom[5], geom[6], geom[7], w, w_bits, a_bits, w_scale, bias, w_zero, w_colsum, a_scale,
-         a_inv_scale, a_zero, y};
-  c.K = c.Cg * c.kh * c.kw;
-  c.Ho = (H + 2 * c.ph - c.dh * (c.kh - 1) - 1) / c.sh + 1;
-  c.Wo = (W + 2 * c.pw - c.dw * (c.kw - 1) - 1) / c.sw + 1;
+  const Conv c = make_conv(x, false, B, C, H, W, w, w_bits, OC, w_scale, w_zero, w_colsum, a_scale, a_inv_scale,
+                           a_zero, a_bits, bias, geom, groups, y);
   if (B <= 0 || OC <= 0 || c.Ho <= 0 || c.Wo <= 0) return true;
   const lowbit::ThreadLimit limit(lowbit::threads_for_macs(double(B) * double(c.Ho * c.Wo) * double(c.K) * double(OC)));
   lowbit::Acts codes;  // one row of codes per (image, channel) plane
@@ -232,6 +233,19 @@ bool lowbit_conv2d(const float* x, int64_t B, int64_t C, int64_t H, int64_t W, c
   else if (c.Cg == 1 && bd < 4611686018427387904.0L) depthwise<int64_t>(c, codes);
   else gemm_conv(c, codes);
   return true;
+}
+
+int lowbit_conv2d_nhwc(const float* x, bool x_nhwc, int64_t B, int64_t C, int64_t H, int64_t W, const uint8_t* w,
+                       int w_bits, int64_t OC, const float* w_scale, const int32_t* w_zero, const int32_t* w_colsum,
+                       float a_scale, float a_inv_scale, int32_t a_zero, int a_bits, const float* bias,
+                       const int64_t* geom, int64_t groups, float* y) {
+  const Conv c = make_conv(x, x_nhwc, B, C, H, W, w, w_bits, OC, w_scale, w_zero, w_colsum, a_scale, a_inv_scale,
+                           a_zero, a_bits, bias, geom, groups, y);
+  const bool dw = lowbit::depthwise_nhwc_applies(c, groups);
+  if (!dw && !lowbit::implicit_conv_applies(c, groups)) return 0;
+  if (B <= 0 || OC <= 0 || c.Ho <= 0 || c.Wo <= 0) return 1;
+  const lowbit::ThreadLimit limit(lowbit::threads_for_macs(double(B) * double(c.Ho * c.Wo) * double(c.K) * double(OC)));
+  return (dw ? lowbit::depthwise_nhwc(c) : lowbit::implicit_conv(c)) ? 1 : -1;
 }
 
 }  // namespace zsqfast::cpu

@@ -10,19 +10,7 @@
 namespace zsqfast::cpu::lowbit::vnni {
 namespace {
 
-// acc += vpdpbusd(a, b) through inline asm: with the intrinsic GCC copies every accumulator of the register
-// block once an iteration (32 vmovdqa per 16 vpdpbusd in ukr<8>); the asm keeps them in place (measured
-// 375 -> 520 GMAC/s a core, L1-resident).
-inline __m512i dpbusd(__m512i acc, __m512i a, __m512i b) {
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
-  return acc;
-}
-
-inline __m512i bcast4(const uint8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
+#include "vnni_ops.inc"
 
 // MR = 8 rows of the register block (16 accumulators). No K blocking: each row block runs the whole K against
 // the L2-resident panel (Kp x NR bytes, 128 KiB at K = 4096) with its accumulators in registers; measured as

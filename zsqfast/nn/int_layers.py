@@ -21,6 +21,11 @@ Two modes, fixed at construction by ``a_bits``:
   as small in memory as on disk); the convolution / matmul then runs in fp32 on the float input, which is
   the fake-quant layer's arithmetic.
 
+IntConv2d returns channels_last (NHWC memory order) tensors in both modes: the integer op's kernel writes
+that order, and the float layers between convolutions (ReLU, QuantAct, max pooling, residual adds) keep it,
+so a converted CNN runs NHWC from its first convolution on without a transpose (PyTorch's channels_last max
+pooling is also ~10x faster than its NCHW one here).
+
 A BatchNorm folded by :func:`zsqfast.convert_to_integer` lives in ``w_scale`` and ``bias`` (the integer codes
 do not change), so ``w_scale`` may be negative. Symmetric grids are stored as unsigned codes with zero point
 ``2^(bits-1)`` (``u = q + 2^(bits-1)``), which is the same real grid.
@@ -31,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._backend import active_backend
 from ..ops.lowbit_conv2d import lowbit_conv2d
 from ..ops.lowbit_gemm import lowbit_linear
 from ..ops.lowbit_pack import LowbitWeight, packed_shape
@@ -158,10 +164,22 @@ class IntConv2d(_IntLayer):
         if self.padding_mode != "zeros":
             ph, pw = self.padding
             x, padding = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode), (0, 0)
-        if self.a_bits is None:
+        if self.a_bits is None:  # channels_last like the integer op's output (oneDNN's faster layout here)
             w = self.dequantized_weight().reshape(self.out_channels, -1, *self.kernel_size)
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             return F.conv2d(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype), self.stride,
                             padding, self.dilation, self.groups)
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4 and x.size(1) == self.in_channels
+                and not torch.compiler.is_compiling() and active_backend("cpu", "lowbit_conv2d") == "cpp"):
+            # eager CPU: straight to the C++ kernel (it checks shapes, dtypes and NaN itself), skipping the
+            # public function's Python validation and the op's adapter (~35 us a call: most of a batch-1 layer)
+            y = torch.ops.zsqfast_ext.lowbit_conv2d(
+                x if x.is_contiguous(memory_format=torch.channels_last) else x.contiguous(), self.packed,
+                self.w_bits, self.K, self.w_scale, self.w_zero, self.w_colsum, self.a_scale,
+                torch.reciprocal(self.a_scale), self.a_zero, self.a_bits, self.bias, self.kernel_size, self.stride,
+                padding, self.dilation, self.groups)
+            return y.contiguous(memory_format=torch.channels_last)
         return lowbit_conv2d(x, self.packed, self.w_scale, self.w_zero, self.w_colsum, self.a_scale, self.a_zero,
                              self.a_bits, self.w_bits, self.kernel_size, self.stride, padding, self.dilation,
                              self.groups, self.bias)

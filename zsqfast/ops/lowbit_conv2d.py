@@ -18,8 +18,10 @@ Kernel contract::
 
     lowbit_conv2d(x, w_packed, w_bits, K, w_scale, w_zero, w_colsum, a_scale, a_inv_scale, a_zero, a_bits,
                   bias, kernel_size, stride, padding, dilation, groups) -> y
-        x fp32 (B, C, H, W) contiguous NCHW; per-channel tensors as in lowbit_linear (a_* of shape (1,));
-        y fp32 (B, OC, Ho, Wo) contiguous.
+        x fp32 (B, C, H, W) contiguous NCHW or channels_last (kernels that need NCHW make it so); per-channel
+        tensors as in lowbit_linear (a_* of shape (1,)); y fp32 (B, OC, Ho, Wo), NCHW or channels_last.
+    The op's result is channels_last (NHWC memory order) whatever the input's: the CPU kernel's implicit GEMM
+    writes it that way, and a network of integer convolutions then never transposes between layers.
 """
 from __future__ import annotations
 
@@ -42,8 +44,9 @@ def reference(x, w_packed, w_scale, w_zero, w_colsum, a_scale, a_zero, a_bits: i
     ua = quantize_codes(x, a_scale.float().reshape(()), za, a_bits).to(torch.float64) - za
     uw = unpack_lowbit(w_packed, w_bits, K).to(torch.float64) - w_zero.to(torch.float64).reshape(-1, 1)
     c = F.conv2d(ua, uw.reshape(OC, -1, kh, kw), None, list(stride), list(padding), list(dilation), groups)
-    return epilogue(c, a_scale.reshape(()), w_scale.reshape(1, -1, 1, 1),
-                    None if bias is None else bias.reshape(1, -1, 1, 1))
+    y = epilogue(c, a_scale.reshape(()), w_scale.reshape(1, -1, 1, 1),
+                 None if bias is None else bias.reshape(1, -1, 1, 1))
+    return y.contiguous(memory_format=torch.channels_last)
 
 
 def inexact_padding_reference(x, w_packed, w_bits, K, w_scale, w_zero, w_colsum, a_scale, a_inv_scale, a_zero,
@@ -63,18 +66,22 @@ def _out_hw(x, kernel_size, stride, padding, dilation):
 
 def _fake(x, w_packed, w_scale, w_zero, w_colsum, a_scale, a_zero, a_bits, w_bits, kernel_size, stride, padding,
           dilation, groups, bias=None):
-    return x.new_empty((x.size(0), w_packed.size(0), *_out_hw(x, kernel_size, stride, padding, dilation)),
-                       dtype=torch.float32)
+    return torch.empty((x.size(0), w_packed.size(0), *_out_hw(x, kernel_size, stride, padding, dilation)),
+                       dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
 
 
 def _adapter(impl, x, w_packed, w_scale, w_zero, w_colsum, a_scale, a_zero, a_bits, w_bits, kernel_size, stride,
              padding, dilation, groups, bias=None):
     sa = a_scale.float().contiguous()
     K = x.size(1) // groups * kernel_size[0] * kernel_size[1]
-    return impl(x.float().contiguous(), w_packed.contiguous(), w_bits, K, w_scale.float().contiguous(),
+    x = x.float()
+    if not x.is_contiguous(memory_format=torch.channels_last):  # NHWC input stays NHWC (the C++ kernel reads it)
+        x = x.contiguous()
+    y = impl(x, w_packed.contiguous(), w_bits, K, w_scale.float().contiguous(),
                 w_zero.to(torch.int32).contiguous(), w_colsum.to(torch.int32).contiguous(), sa, torch.reciprocal(sa),
                 a_zero.to(torch.int32).contiguous(), a_bits, None if bias is None else bias.float().contiguous(),
                 list(kernel_size), list(stride), list(padding), list(dilation), groups)
+    return y.contiguous(memory_format=torch.channels_last)
 
 
 lowbit_conv2d_op = define_op(
@@ -99,7 +106,7 @@ def lowbit_conv2d(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
     """Integer convolution of float activations ``x`` (B, C, H, W), quantized on the fly per tensor
     (``a_scale``, ``a_zero`` of one element), with packed weight codes (OC, K) of an (OC, C/groups, kh, kw)
     weight (:func:`zsqfast.pack_lowbit`); ``w_scale``, ``w_zero``, ``w_colsum`` (OC,) as in
-    :func:`zsqfast.lowbit_linear`. Returns fp32 (B, OC, Ho, Wo)."""
+    :func:`zsqfast.lowbit_linear`. Returns fp32 (B, OC, Ho, Wo) in channels_last memory order."""
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
     ks, st, pd, dl = (_pair(v, n) for v, n in ((kernel_size, "kernel_size"), (stride, "stride"),
