@@ -37,7 +37,7 @@ import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import zsqfast  # noqa: E402
-from _timing import bench, cli  # noqa: E402
+from _timing import bench, cli, keep_freed_memory  # noqa: E402
 from zsqfast.integer_io import saved_weight_bytes  # noqa: E402
 
 
@@ -98,6 +98,7 @@ def run(quick: bool) -> list[dict]:
 
 
 if __name__ == "__main__":
+    print(keep_freed_memory())  # same allocator state for every row (see _timing.keep_freed_memory)
     print("lowbit_conv2d backend:", zsqfast.active_backend("cpu", "lowbit_conv2d"),
           "| lowbit_linear backend:", zsqfast.active_backend("cpu", "lowbit_linear"))
     cli(__doc__, "bench_int_model", run,
