@@ -13,9 +13,10 @@ Budgets (synthetic images, synthesis iterations, fine-tuning epochs); batch 256 
     tiny        32,    2,   1   (a smoke test of the script, seconds)
 "reduced" keeps the paper's 100 epochs but on a tenth of the images (200 SGD steps instead of 2,000) and a
 fifth of the synthesis iterations. Sized from idle costs (2 threads, per batch of 256): a synthesis
-iteration ~0.35 s (ResNet-20) / ~1 s (ResNet-56), a fine-tuning step ~0.4 / ~1.2 s, an evaluation of 5,000
-images ~3 / ~9 s: synthesis 2 x 200 x 1.35 s ~ 9 min, fine-tuning 4 x 200 x (0.4 + 1.2) s ~ 21 min, plus the
-MSE range search and evaluations, ~35 min.
+iteration ~0.37 s (ResNet-20) / ~1 s (ResNet-56, estimated), a fine-tuning step 0.4-0.7 s / ~1.2-2 s (ResNet-56
+estimated at 3x), an evaluation of 5,000 images ~3 / ~9 s: synthesis 2 x 200 x 1.4 s ~ 9 min, fine-tuning
+4 x 200 x (0.4..0.7 + 1.2..2) s ~ 21-36 min, plus the MSE range search and evaluations: ~35-50 min; not yet
+timed idle in one piece.
 
 Everything is written under --out (resumable: rerun the same command after an interruption).
 Usage: python benchmarks/accuracy_cifar10.py --budget reduced [--models 20,56] [--bits 4,3]
