@@ -187,10 +187,11 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, freeze: bool
     for m in acts.values():
         m.train()
     n_batches = 0
-    with torch.no_grad():
-        for xb in batches:
-            model(xb[0] if isinstance(xb, (tuple, list)) else xb)
-            n_batches += 1
+    if not (acts and len(held) == len(acts)):  # every quantizer held (e.g. calibrated before): nothing to observe
+        with torch.no_grad():
+            for xb in batches:
+                model(xb[0] if isinstance(xb, (tuple, list)) else xb)
+                n_batches += 1
     model.eval()
     if method == "mse" and n_batches:
         mse_search_ranges(model, batches)

@@ -103,6 +103,8 @@ def mse_search_ranges(model: nn.Module, batches: Iterable[torch.Tensor], *,
     xs = [xb[0] if isinstance(xb, (tuple, list)) else xb for xb in batches]
     model.eval()
     acts = {n: m for n, m in model.named_modules() if isinstance(m, QuantAct) and not m.frozen}
+    if not acts:  # nothing to search: no capture pass
+        return model
     captured = _capture_all(model, acts, xs, max_values, torch.Generator().manual_seed(seed))
     for name, (v, lo, hi) in captured.items():  # quantizers the forward never reached keep their range
         act = acts[name]
