@@ -144,6 +144,18 @@ def test_nan_propagates_like_the_reference():
     assert torch.allclose(g_cpp[[0, 2]], g_ref[[0, 2]], rtol=1e-4, atol=1e-7)
 
 
+def test_nan_in_the_first_map_row_every_isa(cpu_isa):
+    """A NaN at the map's first element (row 0 of u, where the row's min / max are NaN themselves)."""
+    a = torch.randn(3, 4, 7, 7)
+    a[1, :, 0, 0] = float("nan")
+    alpha, t = torch.rand(3, 4) + 0.1, torch.rand(3, 32, 32)
+    l_ref, g_ref = _loss_and_grad("reference", a, alpha, t)
+    l_cpp, g_cpp = _loss_and_grad("cpp", a, alpha, t)
+    assert torch.isnan(l_ref) and torch.isnan(l_cpp)
+    assert torch.equal(torch.isnan(g_cpp), torch.isnan(g_ref))
+    assert torch.allclose(g_cpp[[0, 2]], g_ref[[0, 2]], rtol=1e-4, atol=1e-7)
+
+
 def test_other_dtypes_run_the_reference_and_ints_are_refused():
     a = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
     alpha, t = torch.rand(2, 3, dtype=torch.float64), torch.rand(2, 16, 16, dtype=torch.float64)
