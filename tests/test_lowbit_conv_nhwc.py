@@ -47,6 +47,19 @@ def test_implicit_conv_exact(case, channels_last):
             assert_bits_equal(got, want)
 
 
+@pytest.mark.parametrize("wb, zw_range", [(7, (-9, -1)), (7, (129, 140)), (4, (-200, -120)), (8, (-3, 3))])
+def test_implicit_conv_zero_points_outside_the_code_range(wb, zw_range):
+    """Weight zero points outside 0..2^b-1 (an all-positive channel's min/max grid has zp < 0): codes minus zp
+    no longer fit the s8 weight panels, so the conv must still be exact (another path takes it)."""
+    g = torch.Generator().manual_seed(wb)
+    wp, sw, zw, cw = weight(24, 16 * 9, wb, g, zw_range)
+    x = torch.randn(2, 16, 9, 9, generator=g)
+    za = torch.tensor([3], dtype=torch.int32)
+    args = (x, wp, sw, zw, cw, torch.tensor([0.15]), za, 4, wb, (3, 3), (1, 1), (1, 1), (1, 1), 1, None)
+    got, want = both(CV.lowbit_conv2d_op, *args)
+    assert_bits_equal(got, want)
+
+
 # B, C, H, W, kernel, stride, padding, dilation: depthwise (groups = C = OC) on the NHWC codes
 DEPTHWISE = [
     (1, 16, 9, 9, 3, 1, 1, 1),
@@ -73,6 +86,17 @@ def test_depthwise_nhwc_exact(case, channels_last):
             bias = torch.randn(C, generator=g) if za_v == 3 else None
             args = (x, wp, sw, zw, cw, torch.tensor([0.15]), za, ab, wb, ks, _pair(s), _pair(p), _pair(d), C, bias)
             assert_bits_equal(*both(CV.lowbit_conv2d_op, *args))
+
+
+def test_depthwise_far_activation_zero_point():
+    """No padding and an activation zero point far outside the codes (x far from 0 on a tight grid): the
+    int32 tap sums of the NHWC depthwise kernel would overflow, so another exact path must take it."""
+    g = torch.Generator().manual_seed(5)
+    wp, sw, zw, cw = weight(16, 9, 8, g)
+    x = torch.rand(2, 16, 9, 9, generator=g) + 1e4
+    za = torch.tensor([-(10 ** 7)], dtype=torch.int32)
+    args = (x, wp, sw, zw, cw, torch.tensor([1e-3]), za, 8, 8, (3, 3), (1, 1), (0, 0), (1, 1), 16, None)
+    assert_bits_equal(*both(CV.lowbit_conv2d_op, *args))
 
 
 def test_weight_cache_follows_the_weight_content():
