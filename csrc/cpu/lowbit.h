@@ -85,8 +85,12 @@ bool quantize_rows(const float* x, int64_t ldx, int64_t M, int64_t K, const floa
 // Whether run() takes the VNNI register-blocked GEMM for M rows (which reads the blocked form directly).
 bool blocked_gemm(int a_bits, int w_bits, int64_t M);
 
-// Does |sum_k (ua - za)(uw - zw)| < 2^31 hold for every row and column? (Then the epilogue may use
-// wrapping int32 arithmetic: the exact result fits, so the wrapped one equals it.)
+// Does |sum over K terms of (ua - za)(uw - zw)| < 2^31 hold for codes ua in 0..2^a_bits-1, uw in
+// 0..2^w_bits-1 and every zero point za[0..n_za), zw[0..N)? (Then int32 sums are exact, and wrapping int32
+// arithmetic equals the exact result.)
+bool int32_exact(int64_t K, int a_bits, const int32_t* za, int64_t n_za, int w_bits, const int32_t* zw, int64_t N);
+
+// int32_exact for g's rows and columns (the epilogue may then use wrapping int32 arithmetic).
 bool narrow_epilogue(const Gemm& g, int64_t n_za);
 
 }  // namespace zsqfast::cpu::lowbit

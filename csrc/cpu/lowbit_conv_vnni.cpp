@@ -397,15 +397,11 @@ bool implicit_conv_applies(const ImplicitConv& c, int64_t groups) {
   if (active_isa() != Isa::Avx512Vnni || groups != 1 || c.kh * c.kw > 64) return false;
   const int64_t qa = (int64_t(1) << c.a_bits) - 1, qw = (int64_t(1) << c.w_bits) - 1;
   if ((c.ph || c.pw) && (c.za < 0 || c.za > qa)) return false;  // padding must be the code za
-  int64_t dw = 0;
-  for (int64_t n = 0; n < c.OC; ++n) {
-    // the s8 weight panels hold uw - zw for uw in 0..qw (8 bits: uw - 128): below 8 bits zw must keep that
-    // in -128..127 (a zero point outside the code range, e.g. an all-positive channel's, may not)
+  // the s8 weight panels hold uw - zw for uw in 0..qw (8 bits: uw - 128): below 8 bits zw must keep that
+  // in -128..127 (a zero point outside the code range, e.g. an all-positive channel's, may not)
+  for (int64_t n = 0; n < c.OC; ++n)
     if (c.w_bits < 8 && (c.w_zero[n] > 128 || qw - c.w_zero[n] > 127)) return false;
-    dw = std::max<int64_t>({dw, std::llabs(c.w_zero[n]), std::llabs(qw - c.w_zero[n])});
-  }
-  const int64_t da = std::max<int64_t>(std::llabs(c.za), std::llabs(qa - c.za));
-  return (long double)(c.K) * da * dw < 2147483648.0L;  // the exact result fits int32 (narrow_epilogue)
+  return int32_exact(c.K, c.a_bits, &c.za, 1, c.w_bits, c.w_zero, c.OC);  // the exact result fits int32
 }
 
 bool codes_nhwc(const ImplicitConv& c, const Geo& G, uint8_t* X, int32_t* S) {

@@ -8,7 +8,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -35,12 +34,9 @@ int32_t wcode(const ImplicitConv& c, int64_t n, int64_t k) {
 
 bool depthwise_nhwc_applies(const ImplicitConv& c, int64_t groups) {
   if (active_isa() != Isa::Avx512Vnni || groups != c.C || c.OC != c.C || c.kh * c.kw > 64) return false;
-  const int64_t qa = (int64_t(1) << c.a_bits) - 1, qw = (int64_t(1) << c.w_bits) - 1;
+  const int64_t qa = (int64_t(1) << c.a_bits) - 1;
   if ((c.ph || c.pw) && (c.za < 0 || c.za > qa)) return false;  // padding must be the code za
-  int64_t dw = 0;  // the int32 tap sums stay exact: taps * max|ua - za| * max|uw - zw| < 2^31
-  for (int64_t n = 0; n < c.OC; ++n) dw = std::max<int64_t>({dw, std::llabs(c.w_zero[n]), std::llabs(qw - c.w_zero[n])});
-  const int64_t da = std::max<int64_t>(std::llabs(c.za), std::llabs(qa - c.za));
-  return (long double)(c.kh * c.kw) * da * dw < 2147483648.0L;
+  return int32_exact(c.kh * c.kw, c.a_bits, &c.za, 1, c.w_bits, c.w_zero, c.OC);  // exact int32 tap sums
 }
 
 bool depthwise_nhwc(const ImplicitConv& c) {

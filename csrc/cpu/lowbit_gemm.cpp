@@ -53,12 +53,16 @@ void Acts::resize_kmajor(int64_t M_, int64_t K) {
   kmajor = true;
 }
 
-bool narrow_epilogue(const Gemm& g, int64_t n_za) {
-  const int64_t qa = (int64_t(1) << g.a_bits) - 1, qw = (int64_t(1) << g.w_bits) - 1;
+bool int32_exact(int64_t K, int a_bits, const int32_t* za, int64_t n_za, int w_bits, const int32_t* zw, int64_t N) {
+  const int64_t qa = (int64_t(1) << a_bits) - 1, qw = (int64_t(1) << w_bits) - 1;
   int64_t da = 0, dw = 0;
-  for (int64_t i = 0; i < n_za; ++i) da = std::max<int64_t>({da, std::llabs(g.za[i]), std::llabs(qa - g.za[i])});
-  for (int64_t n = 0; n < g.N; ++n) dw = std::max<int64_t>({dw, std::llabs(g.zw[n]), std::llabs(qw - g.zw[n])});
-  return (long double)(g.K) * da * dw < 2147483648.0L;
+  for (int64_t i = 0; i < n_za; ++i) da = std::max<int64_t>({da, std::llabs(za[i]), std::llabs(qa - za[i])});
+  for (int64_t n = 0; n < N; ++n) dw = std::max<int64_t>({dw, std::llabs(zw[n]), std::llabs(qw - zw[n])});
+  return (long double)(K) * da * dw < 2147483648.0L;
+}
+
+bool narrow_epilogue(const Gemm& g, int64_t n_za) {
+  return int32_exact(g.K, g.a_bits, g.za, n_za, g.w_bits, g.zw, g.N);
 }
 
 bool blocked_gemm(int a_bits, int w_bits, int64_t M) {
