@@ -2,8 +2,8 @@
 
 Rows:
   low-pass  official fft2 path vs an rfft2 filter (the best plain-PyTorch way) vs zsqfast (auto: banded
-            separable circular convolution when the kernel is narrow, else the BLAS circulant products for
-            small images and a cached-mask rfft2 for large ones),
+            separable circular convolution when the kernel is narrow, else the own separable FFT kernel
+            "sepfft"; the dense circulant products and banded rows shown for comparison),
             at d0 = 80 (SynQ's default) and d0 = 20 (paper grid), 256x3x32x32 and 32x3x224x224;
   Grad-CAM  a plain no-grad forward of the same batch (the floor) vs the official procedure (full backward
             through the whole network) vs pytorch-grad-cam (when installed) vs zsqfast SynQ mode
@@ -71,6 +71,7 @@ def lowpass_rows(quick: bool) -> list[dict]:
             t[f"zsqfast auto: {chosen} ({'x'.join(map(str, taps))} taps)"] = bench(
                 lambda: zsqfast.gaussian_lowpass(x, d0), reps=5)
             t["zsqfast banded"] = bench(lambda: zsqfast.gaussian_lowpass(x, d0, method="banded"), reps=5)
+            t["zsqfast sepfft"] = bench(lambda: zsqfast.gaussian_lowpass(x, d0, method="sepfft"), reps=5)
             t["zsqfast circulant"] = bench(lambda: zsqfast.gaussian_lowpass(x, d0, method="circulant"), reps=5)
             for k, v in t.items():
                 rows.append(dict(part=f"low-pass d0={d0:g}", case="x".join(map(str, shape)), impl=k,

@@ -40,6 +40,13 @@ void bn_stats_bwd(DType dt, const void* grad, const void* x, void* out, int64_t 
 // The taps must be symmetric (wh[a] = wh[2rh - a], ww[b] = ww[2rw - b]); fp32 arithmetic with FMA.
 void circular_conv_sep(const float* x, float* out, int64_t planes, int64_t H, int64_t W, const float* wh,
                        int64_t rh, const float* ww, int64_t rw);
+// Separable real-mask FFT filter of each (H, W) plane of contiguous fp32 x (planes, H, W) into out:
+// out = ifft2(fft2(x) * gh[u] gw[v]).real, gh (H,) and gw (W,) real masks in FFT bin order that are symmetric
+// (g[k] = g[(n - k) % n]). fp32 arithmetic, twiddles rounded from double. Every length whose prime factors are
+// all <= 64 is supported (fft_filter_supported).
+bool fft_filter_supported(int64_t n);
+void fft_filter_sep(const float* x, float* out, int64_t planes, int64_t H, int64_t W, const float* gh,
+                    const float* gw);
 // SynQ CAM-alignment loss (zsqfast/ops/cam_mse.py), contiguous fp32: a (B, K, h, w), alpha (B, K), target
 // (B, H, W); iy, wy (H, 2) and ix, wx (W, 2) the bilinear (align_corners=False) source indices and weights.
 // Forward writes s (B, h, w) = sum_k alpha_k a_k and returns mean((normalised upsampled ReLU(s) - target)^2);

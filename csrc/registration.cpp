@@ -268,6 +268,25 @@ at::Tensor circular_conv_sep(const at::Tensor& x, const at::Tensor& wh, const at
   return out;
 }
 
+at::Tensor fft_filter_sep(const at::Tensor& x, const at::Tensor& gh, const at::Tensor& gw) {
+  TORCH_CHECK(x.device().is_cpu(), "zsqfast: fft_filter_sep has no CUDA kernel in this build");
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "zsqfast: fft_filter_sep takes contiguous float32 (planes, H, W)");
+  TORCH_CHECK(cpu::fft_filter_supported(x.size(1)) && cpu::fft_filter_supported(x.size(2)),
+              "zsqfast: fft_filter_sep needs H and W whose prime factors are <= 64");
+  int64_t i = 1;
+  for (const at::Tensor* g : {&gh, &gw}) {
+    TORCH_CHECK(g->scalar_type() == at::kFloat && g->is_contiguous() && g->dim() == 1 && g->device().is_cpu() &&
+                    g->numel() == x.size(i++),
+                "zsqfast: fft_filter_sep masks must be contiguous float32 CPU vectors of length H and W");
+  }
+  at::Tensor out = at::empty_like(x);
+  cpu::set_num_threads(at::get_num_threads());
+  cpu::fft_filter_sep(x.data_ptr<float>(), out.data_ptr<float>(), x.size(0), x.size(1), x.size(2),
+                      gh.data_ptr<float>(), gw.data_ptr<float>());
+  return out;
+}
+
 // ---- SynQ CAM-alignment loss (CPU only): contract in zsqfast/ops/cam_mse.py
 void check_cam_table(const at::Tensor& idx, const at::Tensor& wt, int64_t n_out, int64_t n_in, const char* axis) {
   TORCH_CHECK(idx.device().is_cpu() && idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.dim() == 2 &&
@@ -457,6 +476,7 @@ TORCH_LIBRARY(zsqfast_ext, m) {
         "Tensor w_colsum, Tensor a_scale, Tensor a_inv_scale, Tensor a_zero, int a_bits, Tensor? bias, "
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   m.def("circular_conv_sep(Tensor x, Tensor wh, Tensor ww) -> Tensor");
+  m.def("fft_filter_sep(Tensor x, Tensor gh, Tensor gw) -> Tensor");
   m.def("cam_mse(Tensor a, Tensor alpha, Tensor target, Tensor iy, Tensor wy, Tensor ix, Tensor wx) -> "
         "(Tensor, Tensor)");
   m.def("cam_mse_backward(Tensor grad, Tensor s, Tensor alpha, Tensor target, Tensor iy, Tensor wy, Tensor ix, "
@@ -473,6 +493,7 @@ TORCH_LIBRARY_IMPL(zsqfast_ext, CPU, m) {
   m.impl("bn_stats", &zsqfast::bn_stats);
   m.impl("bn_stats_backward", &zsqfast::bn_stats_backward);
   m.impl("circular_conv_sep", &zsqfast::circular_conv_sep);
+  m.impl("fft_filter_sep", &zsqfast::fft_filter_sep);
   m.impl("cam_mse", &zsqfast::cam_mse);
   m.impl("cam_mse_backward", &zsqfast::cam_mse_backward);
   m.impl("lowbit_gemm", &zsqfast::lowbit_gemm);

@@ -16,7 +16,7 @@ D0S = [1.0, 4.0, 20.0, 80.0]
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("d0", D0S)
-@pytest.mark.parametrize("method", ["banded", "circulant", "rfft"])
+@pytest.mark.parametrize("method", ["banded", "sepfft", "circulant", "rfft"])
 def test_fast_paths_match_fft_reference(size, d0, method):
     x = torch.randn(2, 3, *size) * 2
     ref = gaussian_lowpass(x, d0, method="fft")
@@ -67,12 +67,15 @@ def test_tap_selection_reads_the_kernel_decay():
         t = band_taps(n, d0)
         assert len(t) == n + 1 - n % 2
         assert torch.allclose(t.sum(), torch.tensor(1.0, dtype=torch.float64))  # DC gain 1: nothing dropped
-    # auto: banded only when it is cheaper
+    # auto: banded only when it is cheaper; wide kernels on the CPU: the separable FFT kernel
     x = torch.randn(1, 1, 224, 224)
     assert torch.equal(gaussian_lowpass(x, 20.0), gaussian_lowpass(x, 20.0, method="banded"))
-    assert torch.equal(gaussian_lowpass(x, 80.0), gaussian_lowpass(x, 80.0, method="rfft"))      # wide, large
+    assert torch.equal(gaussian_lowpass(x, 80.0), gaussian_lowpass(x, 80.0, method="sepfft"))    # wide, large
     small = torch.randn(2, 3, 32, 32)
-    assert torch.equal(gaussian_lowpass(small, 80.0), gaussian_lowpass(small, 80.0, method="circulant"))
+    assert torch.equal(gaussian_lowpass(small, 80.0), gaussian_lowpass(small, 80.0, method="sepfft"))
+    # sizes with a prime factor past the FFT kernel's radices, and other devices: the older crossovers
+    assert lp.auto_method(67, 67, 80.0) == "circulant" and lp.auto_method(134, 134, 80.0) == "rfft"
+    assert lp.auto_method(224, 224, 80.0, "cuda") == "rfft" and lp.auto_method(32, 32, 80.0, "cuda") == "circulant"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -115,7 +118,7 @@ def test_reference_is_the_official_formula_fp64():
     v = torch.arange(w)[None, :] - w // 2
     mask = torch.exp(-(u**2 + v**2).double() / (2 * d0**2))
     want = torch.fft.ifft2(torch.fft.ifftshift(spec * mask, dim=(-2, -1))).real
-    for method in ("fft", "circulant", "banded", "rfft"):
+    for method in ("fft", "circulant", "banded", "sepfft", "rfft"):
         assert torch.allclose(gaussian_lowpass(x, d0, method=method), want, atol=1e-12)
 
 

@@ -19,11 +19,16 @@ the real symmetric kernel ``c_N = ifft(g_N)``. Two fast paths, both built in flo
   assumed; when the mask has decayed at Nyquist (e.g. N = 224, d0 = 20: 21 taps) the banded path costs
   O(r) per pixel instead of O(N).
 * **circulant** (dense): two real matrix products ``A_H X A_W^T`` (BLAS), for kernels too wide to band.
+* **sepfft** (``zsqfast::fft_filter_sep``, C++ CPU kernel, zsqfast/ops/fft_filter.py): the real symmetric
+  1-D masks applied by an own mixed-radix FFT per axis, two real rows packed into one complex signal (A_N is
+  real) and 16 rows or columns per AVX-512 instruction: O(log N) per pixel for the wide kernels that cannot be
+  banded (the default d0 = 80). Other devices, or a build without the extension, run its reference (rfft2).
 * **rfft**: the same real mask applied to ``rfft2(x)`` (half spectrum, cached mask) and ``irfft2``: exact
   like the others, and cheaper than O(N) dense products per pixel once the image is large.
 
 ``method="auto"`` picks banded when the taps of both axes sum to at most :data:`BANDED_FRACTION` of
-``H + W``, else circulant when ``H + W <=`` :data:`RFFT_MIN_SIZE`, else rfft (measured crossovers).
+``H + W``; else, on the CPU, sepfft when both sizes factor into primes <= 64; else circulant when
+``H + W <=`` :data:`RFFT_MIN_SIZE`, else rfft (measured crossovers).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ import torch
 
 from ._common import check_input
 from ._dispatch import define_op
+from .fft_filter import fft_filter_sep, supported_length
 
 #: dropped kernel mass allowed per axis on the banded path (sum of |taps| left out)
 TAP_TOL = 1e-7
@@ -94,6 +100,12 @@ def band_taps(n: int, d0: float, tol: float = TAP_TOL) -> torch.Tensor:
     return taps
 
 
+@functools.lru_cache(maxsize=64)
+def fft_mask_1d(n: int, d0: float, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """g_n (n,) in FFT bin order (symmetric: g[k] = g[(n - k) % n]), built in float64, cast to ``dtype``."""
+    return torch.fft.ifftshift(_mask_1d(n, d0)).to(dtype=dtype, device=device)
+
+
 @functools.lru_cache(maxsize=32)
 def rfft_mask(h: int, w: int, d0: float, dtype: torch.dtype, device: str) -> torch.Tensor:
     """The official mask in ``rfft2`` bin order (h, w // 2 + 1), built in float64."""
@@ -145,10 +157,13 @@ def _conv_backward(ctx, grad):
 torch.library.register_autograd("zsqfast::circular_conv_sep", _conv_backward, setup_context=_conv_setup)
 
 
-def auto_method(h: int, w: int, d0: float) -> str:
-    """What ``method="auto"`` runs for (H, W, d0): banded, circulant or rfft (module docstring)."""
+def auto_method(h: int, w: int, d0: float, device: str = "cpu") -> str:
+    """What ``method="auto"`` runs for (H, W, d0) on ``device``: banded, sepfft, circulant or rfft (module
+    docstring)."""
     if len(band_taps(h, d0)) + len(band_taps(w, d0)) <= BANDED_FRACTION * (h + w):
         return "banded"
+    if torch.device(device).type == "cpu" and supported_length(h) and supported_length(w):
+        return "sepfft"
     return "rfft" if h + w > RFFT_MIN_SIZE else "circulant"
 
 
@@ -159,12 +174,13 @@ def gaussian_lowpass(x: torch.Tensor, d0: float, *, method: str = "auto") -> tor
         x: float (B, C, H, W) (any leading dims; the filter acts on the last two), any strides.
         d0: cutoff in DFT bins (SynQ's ``--d_zero``, default 80), > 0.
         method: ``"banded"`` (separable circular convolution with the kernel's significant taps),
-            ``"circulant"`` (two dense real matmuls), ``"rfft"`` (half-spectrum FFT), ``"fft"`` (the official
-            reference) or ``"auto"`` (banded when the kernels are narrow enough, see BANDED_FRACTION, else
-            circulant for small images and rfft for large ones, see RFFT_MIN_SIZE).
+            ``"sepfft"`` (own separable FFT kernel), ``"circulant"`` (two dense real matmuls), ``"rfft"``
+            (half-spectrum FFT), ``"fft"`` (the official reference) or ``"auto"`` (banded when the kernels are
+            narrow enough, see BANDED_FRACTION, else sepfft on the CPU, else circulant for small images and
+            rfft for large ones, see RFFT_MIN_SIZE).
     Returns:
         Tensor like x (contiguous). Every method is within 1e-5 of the reference in fp32 for |x| <~ 10.
-        A NaN / Inf pixel spreads over its whole plane in "fft" and "circulant" but only over the band
+        A NaN / Inf pixel spreads over its whole plane in "fft", "sepfft" and "circulant" but only over the band
         (+-r pixels) in "banded"; SynQ applies ``nan_to_num`` after the filter either way.
     """
     check_input(x)
@@ -172,13 +188,16 @@ def gaussian_lowpass(x: torch.Tensor, d0: float, *, method: str = "auto") -> tor
         raise ValueError(f"gaussian_lowpass needs (..., H, W) images, got shape {tuple(x.shape)}")
     if not d0 > 0:
         raise ValueError(f"d0 must be positive, got {d0}")
-    if method not in ("auto", "banded", "circulant", "rfft", "fft"):
-        raise ValueError(f"method must be 'auto', 'banded', 'circulant', 'rfft' or 'fft', got {method!r}")
+    if method not in ("auto", "banded", "sepfft", "circulant", "rfft", "fft"):
+        raise ValueError(f"method must be 'auto', 'banded', 'sepfft', 'circulant', 'rfft' or 'fft', got {method!r}")
     if method == "fft":
         return reference(x, d0)
     h, w = x.shape[-2:]
-    method = auto_method(h, w, float(d0)) if method == "auto" else method
+    method = auto_method(h, w, float(d0), str(x.device)) if method == "auto" else method
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if method == "sepfft":
+        g_h, g_w = (fft_mask_1d(n, float(d0), ct, str(x.device)) for n in (h, w))
+        return fft_filter_sep(x, g_h, g_w)
     if method == "banded":
         t_h, t_w = band_taps(h, float(d0)), band_taps(w, float(d0))
         return circular_conv_sep(x, t_h.to(device=x.device, dtype=ct), t_w.to(device=x.device, dtype=ct))
