@@ -7,7 +7,9 @@ Rows:
             at d0 = 80 (SynQ's default) and d0 = 20 (paper grid), 256x3x32x32 and 32x3x224x224;
   Grad-CAM  a plain no-grad forward of the same batch (the floor) vs the official procedure (full backward
             through the whole network) vs pytorch-grad-cam (when installed) vs zsqfast SynQ mode
-            (head-only backward) and standard mode (the GAP -> linear closed form: no backward);
+            (head-only backward) and standard mode (the GAP -> linear closed form: no backward); zsqfast runs
+            its forward on a channels-last copy of the batch on the CPU, so the floor and pytorch-grad-cam are
+            also shown on a channels-last batch, and zsqfast with an NCHW forward;
   step      one KD step vs one SynQ step (filter + selective CE + CAM) with zsqfast vs an official-style
             SynQ step (fft2 filter, separate CAM forwards with full backwards per model).
   CAM loss  forward + backward (dL/dA) of the CAM-alignment loss alone from A, alpha and the teacher map:
@@ -134,19 +136,30 @@ def model_rows(name: str, batch: int, size: int) -> list[dict]:
         with torch.no_grad():
             return fp(x)
 
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def floor_cl():  # the same forward on a channels-last batch (what zsqfast.gradcam runs on the CPU)
+        with torch.no_grad():
+            return fp(x_cl)
+
     fns = {"no-grad forward (floor)": floor,
+           "no-grad forward, channels-last x": floor_cl,
            "official full backward": lambda: reference_gradcam(fp, x)}
+    pgc_key = "pytorch-grad-cam (same layer)"
     if pytorch_grad_cam is not None:
         pgc = pytorch_grad_cam.GradCAM(model=fp, target_layers=[default_layer(fp)])
-        fns["pytorch-grad-cam (same layer)"] = lambda: pgc(input_tensor=x, targets=None)
+        fns[pgc_key] = lambda: pgc(input_tensor=x, targets=None)
+        fns["pytorch-grad-cam, channels-last x"] = lambda: pgc(input_tensor=x_cl, targets=None)
     fns["zsqfast synq (head-only bwd)"] = lambda: zsqfast.gradcam(fp, x)
+    fns["zsqfast synq, NCHW forward"] = lambda: zsqfast.gradcam(fp, x, channels_last=False)
     fns["zsqfast standard (closed form)"] = lambda: zsqfast.gradcam(fp, x, mode="standard")
     cams = bench_interleaved(fns, reps=5)
     t_fwd = cams["no-grad forward (floor)"]
     for k, v in cams.items():
+        vs_pgc = f", {cams[pgc_key] / v:.2f}x faster than pytorch-grad-cam" if pgc_key in cams else ""
         rows.append(dict(part="Grad-CAM", case=case, impl=k, ms=round(v * 1e3, 1),
                          ratio=f"{v / t_fwd:.2f}x forward, {cams['official full backward'] / v:.2f}x faster "
-                               "than official"))
+                               f"than official{vs_pgc}"))
     q = zsqfast.calibrate(zsqfast.quantize_model(fp, 4, 4), [x[: max(2, batch // 4)]], freeze=True)
     opt = torch.optim.SGD(q.parameters(), lr=1e-6, momentum=0.9, nesterov=True)
     opts = dict(DEFAULTS, lambda_ce=5.0, lambda_cam=200.0)

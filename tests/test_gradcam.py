@@ -84,6 +84,22 @@ def test_synq_mode_matches_official_procedure(name, size):
 
 
 @pytest.mark.parametrize("name,size", CNNS)
+def test_channels_last_forward_same_maps(name, size):
+    # on the CPU gradcam runs its forward on a channels-last copy of x by default; the layout changes only
+    # the fp32 rounding of the convolutions, and neither x nor the model is touched
+    torch.manual_seed(2)
+    model = _model(name)
+    x = torch.randn(4, 3, size, size)
+    before = x.clone()
+    for mode in MODES:
+        nchw = zsqfast.gradcam(model, x, mode=mode, channels_last=False)
+        assert torch.allclose(zsqfast.gradcam(model, x, mode=mode), nchw, atol=1e-5)
+        assert torch.allclose(zsqfast.gradcam(model, x, mode=mode, channels_last=True), nchw, atol=1e-5)
+    assert torch.equal(x, before) and x.is_contiguous()
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,size", CNNS)
 def test_standard_mode_matches_textbook(name, size):
     torch.manual_seed(1)
     model = _model(name)

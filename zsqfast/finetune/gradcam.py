@@ -241,13 +241,18 @@ def _loss_from_weights(a4, alpha, target_map, mode):
     return F.mse_loss(finish_map((alpha * a4).sum(dim=1, keepdim=True), target_map.shape[-2:], mode), target_map)
 
 
-def _maps_inputs(model, x, layer, target, mode, differentiable, closed_form):
+def _maps_inputs(model, x, layer, target, mode, differentiable, closed_form, channels_last=None):
     """``(A as a map, alpha (B, C, 1, 1))`` of one forward: CAM's closed form when the target feeds
     GAP -> linear (and ``closed_form`` allows it), else the head-only gradient."""
     if mode not in MODES:
         raise ValueError(f"mode must be 'synq' or 'standard', got {mode!r}")
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
+    if channels_last if channels_last is not None else x.device.type == "cpu":
+        # oneDNN runs channels-last convolutions faster on the CPU (resnet18, batch 16: ~1.3x); every conv
+        # after the first follows the input's layout, the weights are reordered on the fly (the model is not
+        # modified). Same maps up to fp32 rounding.
+        x = x.contiguous(memory_format=torch.channels_last)
     lay = _resolve(model, layer, mode, x)
     prefix = prefix_tokens(model)
     head = linear_head(model, lay, x) if closed_form else None
@@ -270,7 +275,8 @@ def _maps_inputs(model, x, layer, target, mode, differentiable, closed_form):
 
 
 def gradcam(model: nn.Module, x: torch.Tensor, *, layer=None, target="pred", mode: str = "synq",
-            differentiable: bool = False, closed_form: str | bool = "auto") -> torch.Tensor:
+            differentiable: bool = False, closed_form: str | bool = "auto",
+            channels_last: bool | None = None) -> torch.Tensor:
     """Grad-CAM maps of a batch: float (B, H, W) at the input resolution, each in [0, 1].
 
     Args:
@@ -282,8 +288,10 @@ def gradcam(model: nn.Module, x: torch.Tensor, *, layer=None, target="pred", mod
         differentiable: keep the graph through A (for a training loss on the maps).
         closed_form: ``"auto"``: use CAM's closed form (no backward) when the GAP -> linear structure is
             detected; ``False``: always the general head-only backward; ``True``: require the closed form.
+        channels_last: run the forward on a channels-last copy of x (None: on the CPU, where oneDNN's
+            channels-last convolutions are faster; the model itself is left as it is).
     """
-    a4, alpha = _maps_inputs(model, x, layer, target, mode, differentiable, closed_form)
+    a4, alpha = _maps_inputs(model, x, layer, target, mode, differentiable, closed_form, channels_last)
     return finish_map((alpha * a4).sum(dim=1, keepdim=True), x.shape[-2:], mode)
 
 
