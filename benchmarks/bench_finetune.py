@@ -33,6 +33,7 @@ Run: python benchmarks/bench_finetune.py [--threads 2] [--quick]
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -66,15 +67,14 @@ def lowpass_rows(quick: bool) -> list[dict]:
     for shape in shapes:
         x = torch.randn(*shape)
         for d0 in (80.0, 20.0):
-            t = {"official fft2": bench(lambda: zsqfast.gaussian_lowpass(x, d0, method="fft"), reps=5),
-                 "rfft2": bench(lambda: rfft_lowpass(x, d0), reps=5)}
             taps = [len(zsqfast.ops.lowpass.band_taps(n, d0)) for n in shape[-2:]]
             chosen = zsqfast.ops.lowpass.auto_method(shape[-2], shape[-1], d0)
-            t[f"zsqfast auto: {chosen} ({'x'.join(map(str, taps))} taps)"] = bench(
-                lambda: zsqfast.gaussian_lowpass(x, d0), reps=5)
-            t["zsqfast banded"] = bench(lambda: zsqfast.gaussian_lowpass(x, d0, method="banded"), reps=5)
-            t["zsqfast sepfft"] = bench(lambda: zsqfast.gaussian_lowpass(x, d0, method="sepfft"), reps=5)
-            t["zsqfast circulant"] = bench(lambda: zsqfast.gaussian_lowpass(x, d0, method="circulant"), reps=5)
+            fns = {"official fft2": lambda: zsqfast.gaussian_lowpass(x, d0, method="fft"),
+                   "rfft2": lambda: rfft_lowpass(x, d0),
+                   f"zsqfast auto: {chosen} ({'x'.join(map(str, taps))} taps)": lambda: zsqfast.gaussian_lowpass(x, d0)}
+            for method in ("banded", "sepfft", "circulant"):
+                fns[f"zsqfast {method}"] = functools.partial(zsqfast.gaussian_lowpass, x, d0, method=method)
+            t = bench_interleaved(fns, reps=9)  # round-robin: drift on a shared machine hits every row alike
             for k, v in t.items():
                 rows.append(dict(part=f"low-pass d0={d0:g}", case="x".join(map(str, shape)), impl=k,
                                  ms=round(v * 1e3, 2),

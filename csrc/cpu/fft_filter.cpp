@@ -98,10 +98,9 @@ void fft_filter_sep(const float* x, float* out, int64_t planes, int64_t H, int64
   const int threads = int(std::min<int64_t>(num_threads(), planes));
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    const size_t len = size_t(std::max(H, W) * L);
-    std::vector<float> mem(4 * len + 16);
-    float* base = mem.data();
-    float* buf[4] = {base, base + len, base + 2 * len, base + 3 * len};
+    const size_t len = size_t(std::max(H, W) * 2 * L);  // one complex vector signal, re and im interleaved
+    std::vector<float> mem(2 * len + 16);
+    float* buf[2] = {mem.data(), mem.data() + len};
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < planes; ++p) fn(x + p * H * W, out + p * H * W, H, W, ph, pw, buf);
   }
