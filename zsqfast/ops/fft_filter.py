@@ -13,6 +13,8 @@ O(log n) work per pixel per axis where the dense circulant costs O(n).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._dispatch import define_op
@@ -21,6 +23,7 @@ from ._dispatch import define_op
 MAX_PRIME = 64
 
 
+@functools.lru_cache(maxsize=256)
 def supported_length(n: int) -> bool:
     """True when every prime factor of n is <= MAX_PRIME (what the C++ kernel's FFT can factor)."""
     if n < 1:
@@ -67,9 +70,13 @@ def _adapter(impl, x, gh, gw):
     if (x.dtype == torch.float64 or x.numel() == 0 or not (supported_length(h) and supported_length(w))
             or not (_symmetric(gh) and _symmetric(gw))):
         return reference(x, gh, gw)
-    xf = x.reshape(-1, h, w).to(torch.float32).contiguous()
-    gf = [g.to(device=x.device, dtype=torch.float32).contiguous() for g in (gh, gw)]
-    return impl(xf, *gf).reshape(x.shape).to(x.dtype)
+    xf = x.reshape(-1, h, w)
+    if xf.dtype != torch.float32 or not xf.is_contiguous():
+        xf = xf.to(torch.float32).contiguous()
+    gf = [g if g.dtype == torch.float32 and g.device == x.device and g.is_contiguous()
+          else g.to(device=x.device, dtype=torch.float32).contiguous() for g in (gh, gw)]
+    y = impl(xf, *gf).view(x.shape)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 fft_filter_sep = define_op("fft_filter_sep", "(Tensor x, Tensor gh, Tensor gw) -> Tensor", reference, _fake,
