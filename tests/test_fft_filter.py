@@ -42,7 +42,8 @@ def test_matches_fp64_fft(backend, h):
 
 def test_every_isa(cpu_isa):
     gen = torch.Generator().manual_seed(0)
-    for h, w in ((37, 45), (32, 32), (224, 98), (17, 40), (5, 1)):  # vector tails, partial lane groups
+    # vector tails, partial lane groups, one row / column, two radix-8 stages (64, 512), a generic odd radix
+    for h, w in ((37, 45), (32, 32), (224, 98), (17, 40), (5, 1), (1, 64), (64, 1), (512, 8), (8, 512), (61, 33)):
         x = torch.randn(3, 2, h, w, generator=gen)
         gh, gw = sym_mask(h, gen).float(), sym_mask(w, gen).float()
         with zsqfast.use_backend("cpp"):
@@ -67,6 +68,21 @@ def test_strides_dtypes_and_leading_dims(backend):
     assert (one.double() - want[0, 0]).abs().max() <= 1e-5
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not loaded")
+def test_the_kernel_runs():
+    # the op must reach the C++ kernel for the masks gaussian_lowpass builds (the adapter's symmetry check
+    # passes them): bitwise equal to a direct call of the kernel, and not bitwise equal to the reference
+    from zsqfast.ops.lowpass import fft_mask_1d
+
+    x = torch.randn(4, 3, 32, 24)
+    gh, gw = fft_mask_1d(32, 80.0, torch.float32, "cpu"), fft_mask_1d(24, 80.0, torch.float32, "cpu")
+    with zsqfast.use_backend("cpp"):
+        got = ff.fft_filter_sep(x, gh, gw)
+    direct = torch.ops.zsqfast_ext.fft_filter_sep(x.reshape(-1, 32, 24), gh, gw).reshape(x.shape)
+    assert torch.equal(got, direct) and not torch.equal(got, ff.reference(x, gh, gw))
+    assert (got - ff.reference(x, gh, gw)).abs().max() <= 1e-5
+
+
 def test_asymmetric_mask_runs_the_reference():
     x = torch.randn(2, 8, 12)
     gh, gw = torch.rand(8), torch.rand(12)                   # not symmetric: the kernel's real trick fails
@@ -88,6 +104,7 @@ def test_opcheck_and_gradient():
     x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
     torch.autograd.gradcheck(lambda t: ff.fft_filter_sep(t, gh, gw), (x,))
     torch.library.opcheck(ff.fft_filter_sep, (torch.randn(3, 7, 6), gh.float(), gw.float()))
+    torch.library.opcheck(ff.fft_filter_sep, (torch.randn(3, 7, 6, requires_grad=True), gh.float(), gw.float()))
     xf = torch.randn(3, 12, 10, requires_grad=True)          # fp32: the C++ kernel forward and backward
     ff.fft_filter_sep(xf, sym_mask(12, gen).float(),
                       sym_mask(10, gen).float()).square().sum().backward()

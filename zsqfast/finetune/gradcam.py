@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from .cam_loss import cam_mse
 from .head import grab_head_weight, linear_head
+from .layout import call_channels_last
 
 MODES = ("synq", "standard")
 _STANDARD_LAYER: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
@@ -248,11 +249,11 @@ def _maps_inputs(model, x, layer, target, mode, differentiable, closed_form, cha
         raise ValueError(f"mode must be 'synq' or 'standard', got {mode!r}")
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
-    if channels_last if channels_last is not None else x.device.type == "cpu":
-        # oneDNN runs channels-last convolutions faster on the CPU (resnet18, batch 16: ~1.3x); every conv
-        # after the first follows the input's layout, the weights are reordered on the fly (the model is not
-        # modified). Same maps up to fp32 rounding.
-        x = x.contiguous(memory_format=torch.channels_last)
+    return call_channels_last(lambda xx: _maps_of(model, xx, layer, target, mode, differentiable, closed_form),
+                              x, (model,), channels_last)
+
+
+def _maps_of(model, x, layer, target, mode, differentiable, closed_form):
     lay = _resolve(model, layer, mode, x)
     prefix = prefix_tokens(model)
     head = linear_head(model, lay, x) if closed_form else None
@@ -289,7 +290,8 @@ def gradcam(model: nn.Module, x: torch.Tensor, *, layer=None, target="pred", mod
         closed_form: ``"auto"``: use CAM's closed form (no backward) when the GAP -> linear structure is
             detected; ``False``: always the general head-only backward; ``True``: require the closed form.
         channels_last: run the forward on a channels-last copy of x (None: on the CPU, where oneDNN's
-            channels-last convolutions are faster; the model itself is left as it is).
+            channels-last convolutions are faster, falling back to NCHW for models that ``view`` a feature
+            map; the model itself is left as it is; see :mod:`zsqfast.finetune.layout`).
     """
     a4, alpha = _maps_inputs(model, x, layer, target, mode, differentiable, closed_form, channels_last)
     return finish_map((alpha * a4).sum(dim=1, keepdim=True), x.shape[-2:], mode)

@@ -29,6 +29,7 @@ reported (no selection of the best epoch on test data).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -44,11 +45,12 @@ from ..quantize_model import calibrate
 from ..synthesis.engine import _progress
 from ..synthesis.storage import atomic_write_bytes
 from .gradcam import cam_from_activation, cam_loss_from_activation, capture
+from .layout import call_channels_last
 from .losses import FeatureTap, feature_alignment, feature_layers, kd_loss, selective_ce
 
 DEFAULTS = dict(lr=1e-5, momentum=0.9, weight_decay=1e-4, temperature=20.0, alpha=20.0, lambda_ce=5.0,
                 lambda_cam=200.0, tau=0.5, d0=80.0, calib_batches=4, calib_method="mse", augment=True, lambda_fa=0.0, fa_layers=None,
-                promote_eps=0.0)
+                promote_eps=0.0, channels_last=None)
 
 
 def random_resized_crop_flip(x: torch.Tensor, g: torch.Generator, scale=(0.5, 1.0)) -> torch.Tensor:
@@ -135,6 +137,14 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return 100.0 * correct / max(len(labels), 1)
 
 
+def _step(method, fp_model, q_model, x, y, opt, taps):
+    """step_losses after dropping what a failed (channels-last) attempt may have left in the feature taps."""
+    if taps:
+        taps[0].take()
+        taps[1].take()
+    return step_losses(method, fp_model, q_model, x, y, opt, taps)
+
+
 def finetune(fp_model: nn.Module, q_model: nn.Module, dataset, *, method: str = "synq", epochs: int = 100,
              batch_size: int = 256, seed: int = 0, eval_data=None, out=None, progress: bool = True,
              stop_after: int | None = None, **options) -> dict:
@@ -219,10 +229,9 @@ def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, see
                     x = random_resized_crop_flip(x, g)
                 if method == "synq":
                     x = torch.nan_to_num(gaussian_lowpass(x, opt["d0"]))
-                if x.device.type == "cpu" and x.dim() == 4:
-                    # oneDNN's channels-last convolutions: a KD step of ResNet-20 W4A4 at batch 256 ~1.15x faster
-                    x = x.contiguous(memory_format=torch.channels_last)
-                terms = step_losses(method, fp_model, q_model, x, y, opt, taps)
+                # channels-last forwards on the CPU (None: auto, NCHW for models that view a feature map)
+                terms = call_channels_last(functools.partial(_step, method, fp_model, q_model, y=y, opt=opt, taps=taps),
+                                           x, (fp_model, q_model), opt["channels_last"])
                 loss = terms["loss"]
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"fine-tuning loss became {float(loss)} at epoch {epoch}, step {step}; "

@@ -4,7 +4,8 @@ SynQ's low-pass filter (zsqfast/ops/lowpass.py).
 Semantics (:func:`reference`): for x (..., H, W) and real masks gh (H,), gw (W,) in FFT bin order,
 ``ifft2(fft2(x) * gh[:, None] * gw[None, :]).real`` (output dtype = x's; fp64 math for fp64 x). The masks must
 be symmetric, ``g[k] = g[(n - k) % n]``: then each 1-D filter ``A = F^-1 diag(g) F`` is a real symmetric
-matrix, the filter is its own adjoint (the backward is the same op), and the real part drops nothing.
+matrix, the filter is its own adjoint (the backward is the same op), and the real part drops nothing. The
+masks are constants: no gradient flows to them (the backward returns None for both).
 
 Kernel contract (C++ CPU): contiguous fp32 (planes, H, W), fp32 masks, H and W with prime factors <= 64. Two
 real rows share one complex FFT (A real: filtering a + i b gives A a + i A b) and the SIMD lanes hold
@@ -19,7 +20,8 @@ import torch
 
 from ._dispatch import define_op
 
-#: the largest prime factor of H and W the C++ kernel takes (its generic odd radix); others: the reference
+#: bound on the prime factors of H and W the C++ kernel takes (its generic odd radix holds up to 64 points, so
+#: primes up to 61); other sizes run the reference
 MAX_PRIME = 64
 
 

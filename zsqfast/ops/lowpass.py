@@ -27,7 +27,7 @@ the real symmetric kernel ``c_N = ifft(g_N)``. Two fast paths, both built in flo
   like the others, and cheaper than O(N) dense products per pixel once the image is large.
 
 ``method="auto"`` picks banded when the taps of both axes sum to at most :data:`BANDED_FRACTION` of
-``H + W``; else, on the CPU, sepfft when both sizes factor into primes <= 64; else circulant when
+``H + W``; else, on the CPU with the C++ kernel in use, sepfft when both sizes factor into primes <= 64; else circulant when
 ``H + W <=`` :data:`RFFT_MIN_SIZE`, else rfft (measured crossovers).
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ import functools
 
 import torch
 
+from .. import _backend
 from ._common import check_input
 from ._dispatch import define_op
 from .fft_filter import fft_filter_sep, supported_length
@@ -157,12 +158,19 @@ def _conv_backward(ctx, grad):
 torch.library.register_autograd("zsqfast::circular_conv_sep", _conv_backward, setup_context=_conv_setup)
 
 
+def _sepfft_native() -> bool:
+    """True when fft_filter_sep would run its C++ kernel now (the extension is loaded and the requested
+    backend is auto or cpp); otherwise its reference is an rfft2 and the older crossovers apply."""
+    return (_backend.get_backend() in ("auto", "cpp")
+            and _backend.unavailable_reason("cpp", "cpu", "fft_filter_sep") is None)
+
+
 def auto_method(h: int, w: int, d0: float, device: str = "cpu") -> str:
     """What ``method="auto"`` runs for (H, W, d0) on ``device``: banded, sepfft, circulant or rfft (module
     docstring)."""
     if len(band_taps(h, d0)) + len(band_taps(w, d0)) <= BANDED_FRACTION * (h + w):
         return "banded"
-    if torch.device(device).type == "cpu" and supported_length(h) and supported_length(w):
+    if torch.device(device).type == "cpu" and supported_length(h) and supported_length(w) and _sepfft_native():
         return "sepfft"
     return "rfft" if h + w > RFFT_MIN_SIZE else "circulant"
 
