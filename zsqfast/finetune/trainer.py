@@ -21,7 +21,9 @@ zsq-semantics.md). A non-finite loss stops training with a message instead of pr
 Before training, the student's activation ranges are calibrated on ``calib_batches`` batches of the data and
 frozen (the official code instead keeps updating them during epochs 0-3); ``calib_method="mse"`` (default)
 clips each range to its least quantization error on those batches, ``"minmax"`` keeps the official min/max
-EMA (see :func:`zsqfast.calibrate`). BatchNorm stays in eval mode.
+EMA (see :func:`zsqfast.calibrate`). BatchNorm stays in eval mode. ``channels_last`` (None: auto) runs the
+steps on channels-last batches on the CPU, faster there, NCHW for models that cannot take them
+(:mod:`zsqfast.finetune.layout`).
 Checkpoints (atomic) after every epoch in ``out`` allow an interrupted run to resume exactly; ``out/log.jsonl``
 holds one JSON line per epoch; evaluation on a held-out set runs every epoch and the final epoch's accuracy is
 reported (no selection of the best epoch on test data).
