@@ -74,7 +74,7 @@ def lowpass_rows(quick: bool) -> list[dict]:
                    f"zsqfast auto: {chosen} ({'x'.join(map(str, taps))} taps)": lambda: zsqfast.gaussian_lowpass(x, d0)}
             for method in ("banded", "sepfft", "circulant"):
                 fns[f"zsqfast {method}"] = functools.partial(zsqfast.gaussian_lowpass, x, d0, method=method)
-            t = bench_interleaved(fns, reps=9)  # round-robin: drift on a shared machine hits every row alike
+            t = bench_interleaved(fns, reps=9, back_to_back=10)  # round-robin, each row in its steady state
             for k, v in t.items():
                 rows.append(dict(part=f"low-pass d0={d0:g}", case="x".join(map(str, shape)), impl=k,
                                  ms=round(v * 1e3, 2),
