@@ -101,7 +101,9 @@ void fft_filter_sep(const float* x, float* out, int64_t planes, int64_t H, int64
     const size_t len = size_t(std::max(H, W) * 2 * L);  // one complex vector signal, re and im interleaved
     std::vector<float> mem(2 * len + 16);
     float* buf[2] = {mem.data(), mem.data() + len};
-#pragma omp for schedule(static)
+    // dynamic chunks: a descheduled or slower vCPU does not leave the other thread waiting at the end
+    const int64_t chunk = std::max<int64_t>(1, planes / (int64_t(threads) * 16));
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t p = 0; p < planes; ++p) fn(x + p * H * W, out + p * H * W, H, W, ph, pw, buf);
   }
 }
