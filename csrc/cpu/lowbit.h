@@ -13,6 +13,28 @@ namespace zsqfast::cpu::lowbit {
 
 constexpr int64_t kBlockK = 128;  // the K granule of the packed layout (zsqfast/ops/lowbit_pack.py)
 inline int64_t padded_k(int64_t K) { return (K + kBlockK - 1) / kBlockK * kBlockK; }
+// Bytes of one packed weight row of Kp (padded) codes: two codes a byte up to 4 bits, one above.
+inline int64_t row_bytes(int bits, int64_t Kp) { return bits <= 4 ? Kp / 2 : Kp; }
+// Code k of one packed weight row: a byte per code above 4 bits; up to 4 bits every block of 128 codes is 64
+// bytes, code j of the block in the low nibble of its byte j and code 64 + j in the high nibble.
+inline int32_t packed_code(const uint8_t* row, int bits, int64_t k) {
+  if (bits >= 5) return row[k];
+  const uint8_t v = row[k / kBlockK * 64 + (k % 64)];
+  return (k % kBlockK) < 64 ? v & 15 : v >> 4;
+}
+// All Kp codes of one packed row as bytes (each xor `flip`: 0x80 turns 8-bit codes into s8 form).
+inline void unpack_codes(const uint8_t* row, int bits, int64_t Kp, uint8_t* out, uint8_t flip = 0) {
+  if (bits >= 5) {
+    for (int64_t k = 0; k < Kp; ++k) out[k] = row[k] ^ flip;
+    return;
+  }
+  for (int64_t b = 0; b < Kp / kBlockK; ++b)
+    for (int j = 0; j < 64; ++j) {
+      const uint8_t v = row[b * 64 + j];
+      out[b * kBlockK + j] = v & 15;
+      out[b * kBlockK + 64 + j] = v >> 4;
+    }
+}
 
 // Activation codes in the engine's form: rows of `lda` (a multiple of 128, >= K) bytes, columns >= K zero,
 // `rows` >= M allocated rows (the tail rows are zero: the register-blocked kernel reads whole row blocks).

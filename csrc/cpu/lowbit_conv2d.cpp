@@ -47,13 +47,10 @@ Conv make_conv(const float* x, bool x_nhwc, int64_t B, int64_t C, int64_t H, int
   return c;
 }
 
-int64_t row_bytes(int bits, int64_t K) { return bits <= 4 ? lowbit::padded_k(K) / 2 : lowbit::padded_k(K); }
+int64_t row_bytes(int bits, int64_t K) { return lowbit::row_bytes(bits, lowbit::padded_k(K)); }
 
 int32_t wcode(const Conv& c, int64_t n, int64_t k) {  // weight code (n, k) of the packed layout
-  const uint8_t* row = c.w + n * row_bytes(c.w_bits, c.K);
-  if (c.w_bits >= 5) return row[k];
-  const uint8_t v = row[k / 128 * 64 + (k % 64)];
-  return (k % 128) < 64 ? v & 15 : v >> 4;
+  return lowbit::packed_code(c.w + n * row_bytes(c.w_bits, c.K), c.w_bits, k);
 }
 
 template <class T>  // int32_t, int64_t or __int128 (exact integers; float(v) rounds to nearest even)

@@ -199,13 +199,7 @@ std::shared_ptr<const Panels> build_panels(const ImplicitConv& c, int64_t Cs, in
     // s8 weight: uw - zw (|.| <= 127 up to 7 bits: no row sums needed), 8 bits: uw - 128 (uw ^ 0x80)
     const int32_t z = c.w_bits == 8 ? 128 : c.w_zero[n];
     const uint8_t* row = c.w + n * rb;
-    if (c.w_bits >= 5) std::memcpy(u.data(), row, size_t(Kp));
-    else
-      for (int64_t blk = 0; blk < Kp / kBlockK; ++blk)
-        for (int j = 0; j < 64; ++j) {
-          u[size_t(blk * kBlockK + j)] = row[blk * 64 + j] & 15;
-          u[size_t(blk * kBlockK + 64 + j)] = row[blk * 64 + j] >> 4;
-        }
+    unpack_codes(row, c.w_bits, Kp, u.data());
     uint8_t* panel = P->data.data() + (n / nr) * Kc * nr + (n % nr) * 4;
     for (int64_t t = 0; t < T; ++t)
       for (int64_t ch = 0; ch < c.C; ++ch) {

@@ -23,11 +23,7 @@ namespace {
 
 // weight code (n, k) of the packed layout (zsqfast/ops/lowbit_pack.py)
 int32_t wcode(const ImplicitConv& c, int64_t n, int64_t k) {
-  const int64_t Kp = padded_k(c.K);
-  const uint8_t* row = c.w + n * row_bytes(c.w_bits, Kp);
-  if (c.w_bits >= 5) return row[k];
-  const uint8_t v = row[k / kBlockK * 64 + (k % 64)];
-  return (k % kBlockK) < 64 ? v & 15 : v >> 4;
+  return packed_code(c.w + n * row_bytes(c.w_bits, padded_k(c.K)), c.w_bits, k);
 }
 
 }  // namespace

@@ -73,22 +73,9 @@ inline void finish_scalar(const Ctx& x, int64_t m0, int64_t mr, int64_t n0, int6
     }
 }
 
-inline int64_t row_bytes(int bits, int64_t Kp) { return bits <= 4 ? Kp / 2 : Kp; }
-
 // Codes of weight row n (Kp of them) in kernel form: u8 codes, 8-bit ones xor 0x80 when `shift8` (as s8).
 inline void unpack_row(const Gemm& g, int64_t n, int64_t Kp, uint8_t* out, bool shift8) {
-  const uint8_t* row = g.w + n * row_bytes(g.w_bits, Kp);
-  if (g.w_bits >= 5) {
-    const uint8_t x = (shift8 && g.w_bits == 8) ? 0x80 : 0;
-    for (int64_t k = 0; k < Kp; ++k) out[k] = row[k] ^ x;
-    return;
-  }
-  for (int64_t b = 0; b < Kp / kBlockK; ++b)
-    for (int j = 0; j < 64; ++j) {
-      const uint8_t v = row[b * 64 + j];
-      out[b * kBlockK + j] = v & 15;
-      out[b * kBlockK + 64 + j] = v >> 4;
-    }
+  unpack_codes(g.w + n * row_bytes(g.w_bits, Kp), g.w_bits, Kp, out, (shift8 && g.w_bits == 8) ? 0x80 : 0);
 }
 
 // Weight panel of columns [n0, n0 + NR): panel[(q * NR + j) * 4 + i] = code(n0 + j, 4 q + i) (s8 form);
