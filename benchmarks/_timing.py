@@ -77,14 +77,15 @@ def cli(doc: str, name: str, run, columns: list[tuple[str, str]], legend: str = 
 
 
 def bench_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, reps: int = 5,
-                      back_to_back: int = 0) -> dict[str, float]:
+                      back_to_back: int = 0, pause: float = 0.0) -> dict[str, float]:
     """Median seconds per call of each of ``fns``, measured round-robin (one call of each per round), so that
     drift on a shared machine (other jobs, the allocator's state) hits every entry alike: use it for ratios.
     ``back_to_back``: each timed call directly follows that many untimed calls of the same function, so every
     entry is timed in its steady state (OpenMP threads awake, cores clocked up, its own data in cache)
     whatever ran before it: for sub-millisecond kernels, where a call right after another library's
     single-threaded call or an idle moment costs up to ~1 ms more on this VM (measured: the FFT low-pass at
-    256x3x32x32, 0.33 ms back to back, 0.79 ms right after an rfft2, 1.26 ms after a 10 ms sleep)."""
+    256x3x32x32, 0.33 ms back to back, 0.79 ms right after an rfft2, 1.26 ms after a 10 ms sleep).
+    ``pause``: sleep that many seconds (untimed) before each timed call instead: the cold case."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -93,6 +94,8 @@ def bench_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, 
         for k, fn in fns.items():
             for _ in range(back_to_back):
                 fn()
+            if pause:
+                time.sleep(pause)
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)

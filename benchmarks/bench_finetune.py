@@ -3,7 +3,9 @@
 Rows:
   low-pass  official fft2 path vs an rfft2 filter (the best plain-PyTorch way) vs zsqfast (auto: banded
             separable circular convolution when the kernel is narrow, else the own separable FFT kernel
-            "sepfft"; the dense circulant products and banded rows shown for comparison),
+            "sepfft"; the dense circulant products and banded rows shown for comparison), each timed in its
+            steady state (10 back-to-back calls before each timed one) and, at d0 = 80, also cold (10 ms
+            after the previous call, the OpenMP pool asleep: what a training step that filters once sees),
             at d0 = 80 (SynQ's default) and d0 = 20 (paper grid), 256x3x32x32 and 32x3x224x224;
   Grad-CAM  a plain no-grad forward of the same batch (the floor) vs the official procedure (full backward
             through the whole network) vs pytorch-grad-cam (when installed) vs zsqfast SynQ mode
@@ -75,10 +77,16 @@ def lowpass_rows(quick: bool) -> list[dict]:
             for method in ("banded", "sepfft", "circulant"):
                 fns[f"zsqfast {method}"] = functools.partial(zsqfast.gaussian_lowpass, x, d0, method=method)
             t = bench_interleaved(fns, reps=9, back_to_back=10)  # round-robin, each row in its steady state
+            if d0 == 80.0:  # the same calls cold, 10 ms after the last one (the OpenMP pool asleep)
+                cold = bench_interleaved({k: fns[k] for k in ("official fft2", "rfft2", "zsqfast sepfft")}, reps=9,
+                                         pause=0.01)
+                t.update({f"{k} (cold)": v for k, v in cold.items()})
             for k, v in t.items():
+                sfx = " (cold)" if k.endswith(" (cold)") else ""  # cold rows against the cold anchors
                 rows.append(dict(part=f"low-pass d0={d0:g}", case="x".join(map(str, shape)), impl=k,
                                  ms=round(v * 1e3, 2),
-                                 ratio=f"{t['rfft2'] / v:.2f}x vs rfft2, {t['official fft2'] / v:.2f}x vs official"))
+                                 ratio=f"{t['rfft2' + sfx] / v:.2f}x vs rfft2{sfx}, "
+                                       f"{t['official fft2' + sfx] / v:.2f}x vs official{sfx}"))
     return rows
 
 

@@ -216,6 +216,11 @@ def test_channels_last_layout_option(method):
         fp, q, images, labels = _models()
         runs[layout] = zsqfast.finetune(fp, q, (images, labels), channels_last=layout, **kw)["epochs"][0]["loss"]
     assert abs(runs[None] - runs[False]) <= 1e-4 * max(1.0, abs(runs[False]))
+    from zsqfast.finetune import layout
+
+    fp, q, images, labels = _models()
+    zsqfast.finetune(fp, q, (images, labels), **kw)
+    assert not layout._known_nchw(fp) and not layout._known_nchw(q)   # these took channels-last batches
     torch.manual_seed(0)
     fp = _ViewNet().eval()
     q = zsqfast.quantize_model(fp, 4, 4)
@@ -223,7 +228,7 @@ def test_channels_last_layout_option(method):
     with torch.no_grad():
         labels = fp(images).argmax(1)
     res = zsqfast.finetune(fp, q, (images, labels), **dict(kw, lambda_cam=0.0))
-    assert math.isfinite(res["epochs"][0]["loss"])
+    assert math.isfinite(res["epochs"][0]["loss"]) and layout._known_nchw(fp) and layout._known_nchw(q)
     with pytest.raises(RuntimeError, match="view size"):
         zsqfast.finetune(_ViewNet().eval(), zsqfast.quantize_model(_ViewNet().eval(), 4, 4), (images, labels),
                          channels_last=True, **dict(kw, lambda_cam=0.0))

@@ -90,9 +90,12 @@ def test_channels_last_forward_same_maps(name, size):
     torch.manual_seed(2)
     model = _model(name)
     x = torch.randn(4, 3, size, size)
+    before = x.clone()
     for mode in MODES:
         nchw = zsqfast.gradcam(model, x, mode=mode, channels_last=False)
         assert torch.allclose(zsqfast.gradcam(model, x, mode=mode), nchw, atol=1e-5)
+    assert torch.equal(x, before) and x.is_contiguous()                       # x is copied, never converted
+    assert all(p.is_contiguous() for p in model.parameters())                 # the model is not converted
 
 
 class _ViewNet(nn.Module):
@@ -120,10 +123,16 @@ def test_channels_last_falls_back_for_view_models():
     with pytest.raises(RuntimeError, match="view size"):
         zsqfast.gradcam(model, x, layer="features.4", channels_last=True)  # explicit: the error comes through
     want = zsqfast.gradcam(model, x, layer="features.4", channels_last=False)
-    assert model not in layout._NCHW_ONLY
+    assert not layout._known_nchw(model)
     got = zsqfast.gradcam(model, x, layer="features.4")               # auto: retried NCHW, then remembered
-    assert torch.equal(got, want) and model in layout._NCHW_ONLY
+    assert torch.equal(got, want) and layout._known_nchw(model)
     assert not layout.wants_channels_last(x, (model,)) and layout.wants_channels_last(x, (_model("resnet18"),))
+    # a model in training mode is never tried channels-last in auto mode (a failed attempt would already have
+    # moved its BatchNorm statistics)
+    fresh = _ViewNet().train()
+    nbt = int(fresh.features[1].num_batches_tracked)
+    zsqfast.gradcam(fresh, x, layer="features.4")
+    assert int(fresh.features[1].num_batches_tracked) - nbt == 2 and not layout._known_nchw(fresh)  # probe + run
 
 
 @pytest.mark.parametrize("name,size", CNNS)

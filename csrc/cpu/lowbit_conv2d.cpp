@@ -47,10 +47,10 @@ Conv make_conv(const float* x, bool x_nhwc, int64_t B, int64_t C, int64_t H, int
   return c;
 }
 
-int64_t row_bytes(int bits, int64_t K) { return lowbit::row_bytes(bits, lowbit::padded_k(K)); }
+int64_t row_bytes_k(int bits, int64_t K) { return lowbit::row_bytes(bits, lowbit::padded_k(K)); }  // unpadded K
 
 int32_t wcode(const Conv& c, int64_t n, int64_t k) {  // weight code (n, k) of the packed layout
-  return lowbit::packed_code(c.w + n * row_bytes(c.w_bits, c.K), c.w_bits, k);
+  return lowbit::packed_code(c.w + n * row_bytes_k(c.w_bits, c.K), c.w_bits, k);
 }
 
 template <class T>  // int32_t, int64_t or __int128 (exact integers; float(v) rounds to nearest even)
@@ -173,7 +173,7 @@ void gemm_conv_one(const Conv& c, const lowbit::Acts& codes, int64_t b, int64_t 
                    ConvScratch& s) {
   const int64_t P = c.Ho * c.Wo, n0 = g * c.OCg;
   im2col(c, codes.codes.data() + (b * c.C + g * c.Cg) * codes.lda, codes.lda, pad, s.A);
-  lowbit::Gemm gm{c.w + n0 * row_bytes(c.w_bits, c.K), c.w_bits, c.a_bits, c.OCg, c.K};
+  lowbit::Gemm gm{c.w + n0 * row_bytes_k(c.w_bits, c.K), c.w_bits, c.a_bits, c.OCg, c.K};
   float* yb = c.y + b * c.OC * P;
   if (!exact_pad) {
     gm.acc = s.acc.data();

@@ -6,7 +6,8 @@ is enough: every convolution after the first follows the input's layout and the 
 fly, so the model itself is never modified; results change only by fp32 rounding. A model that calls
 ``Tensor.view`` on a feature map (``x.view(B, -1)`` before a classifier, LeNet / VGG style) cannot take a
 channels-last map and raises; it is then run again on the NCHW input, and remembered (weakly) so that it runs
-NCHW from then on.
+NCHW from then on. Auto mode tries channels-last only when every model is in eval mode: a failed
+attempt of a model in training mode would already have updated BatchNorm statistics or drawn dropout masks.
 """
 from __future__ import annotations
 
@@ -16,22 +17,38 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
-_NCHW_ONLY: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-_LAYOUT_ERROR = "view size is not compatible with input tensor's size and stride"
+_NCHW_ONLY: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # the models (unwrapped) that needed NCHW
+_LAYOUT_ERROR = "view size is not compatible"
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return m.module if isinstance(m, wrappers) else m
+
+
+def _known_nchw(m: nn.Module) -> bool:
+    return _unwrap(m) in _NCHW_ONLY
+
+
+def _remember_nchw(m: nn.Module) -> None:
+    _NCHW_ONLY.add(_unwrap(m))
 
 
 def wants_channels_last(x: torch.Tensor, models: Iterable[nn.Module], requested: bool | None = None) -> bool:
-    """``requested`` when given; else True for a 4-D CPU batch unless one of ``models`` needed NCHW before."""
+    """``requested`` when given (4-D x only); else True for a 4-D CPU batch when every model is in eval mode
+    and none needed NCHW before."""
     if requested is not None:
         return bool(requested) and x.dim() == 4
-    return x.device.type == "cpu" and x.dim() == 4 and not any(m in _NCHW_ONLY for m in models)
+    models = tuple(models)
+    return (x.device.type == "cpu" and x.dim() == 4 and not any(m.training for m in models)
+            and not any(_known_nchw(m) for m in models))
 
 
 def call_channels_last(fn: Callable[[torch.Tensor], object], x: torch.Tensor, models: Iterable[nn.Module],
                        requested: bool | None = None):
     """``fn(x)``, run on a channels-last copy of x when :func:`wants_channels_last` says so. With ``requested``
-    None (auto), a ``view`` layout error from the models makes it call ``fn(x)`` on the NCHW x and remember
-    them; an explicit ``requested=True`` lets the error through."""
+    None (auto), a ``view`` layout error makes it call ``fn(x)`` on the NCHW x and, once that worked, remember
+    the models; an explicit ``requested=True`` lets the error through."""
     models = tuple(models)
     if not wants_channels_last(x, models, requested):
         return fn(x)
@@ -40,6 +57,7 @@ def call_channels_last(fn: Callable[[torch.Tensor], object], x: torch.Tensor, mo
     except RuntimeError as e:
         if requested is not None or _LAYOUT_ERROR not in str(e):
             raise
+    out = fn(x)
     for m in models:
-        _NCHW_ONLY.add(m)
-    return fn(x)
+        _remember_nchw(m)
+    return out

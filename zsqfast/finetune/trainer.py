@@ -139,14 +139,6 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     return 100.0 * correct / max(len(labels), 1)
 
 
-def _step(method, fp_model, q_model, x, y, opt, taps):
-    """step_losses after dropping what a failed (channels-last) attempt may have left in the feature taps."""
-    if taps:
-        taps[0].take()
-        taps[1].take()
-    return step_losses(method, fp_model, q_model, x, y, opt, taps)
-
-
 def finetune(fp_model: nn.Module, q_model: nn.Module, dataset, *, method: str = "synq", epochs: int = 100,
              batch_size: int = 256, seed: int = 0, eval_data=None, out=None, progress: bool = True,
              stop_after: int | None = None, **options) -> dict:
@@ -232,8 +224,9 @@ def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, see
                 if method == "synq":
                     x = torch.nan_to_num(gaussian_lowpass(x, opt["d0"]))
                 # channels-last forwards on the CPU (None: auto, NCHW for models that view a feature map)
-                terms = call_channels_last(functools.partial(_step, method, fp_model, q_model, y=y, opt=opt, taps=taps),
-                                           x, (fp_model, q_model), opt["channels_last"])
+                # (step_losses empties the feature taps first: nothing of a failed attempt is kept)
+                terms = call_channels_last(functools.partial(step_losses, method, fp_model, q_model, y=y, opt=opt,
+                                                             taps=taps), x, (fp_model, q_model), opt["channels_last"])
                 loss = terms["loss"]
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"fine-tuning loss became {float(loss)} at epoch {epoch}, step {step}; "

@@ -167,7 +167,7 @@ def _sepfft_native() -> bool:
 
 def auto_method(h: int, w: int, d0: float, device: str = "cpu") -> str:
     """What ``method="auto"`` runs for (H, W, d0) on ``device``: banded, sepfft, circulant or rfft (module
-    docstring)."""
+    docstring). fp64 input on the sepfft path runs its (rfft2) reference."""
     if len(band_taps(h, d0)) + len(band_taps(w, d0)) <= BANDED_FRACTION * (h + w):
         return "banded"
     if torch.device(device).type == "cpu" and supported_length(h) and supported_length(w) and _sepfft_native():
