@@ -11,6 +11,9 @@
     per-layer host copies of the BN statistics, with and without those copies) vs zsqfast's engine in fp32
     (channels-last, and NCHW) and in its opt-in bf16 autocast mode; images per hour for the full recipe
     (1,000 iterations per batch).
+(d) PSAQ-ViT's patch-similarity KDE of one attention block, forward + backward w.r.t. the similarities
+    (B x 196^2 values, 10 grid points, bandwidth 0.01; DeiT at 224): the plain-PyTorch formula (the (B, K, M)
+    kernel matrix, as the official code) vs the ``zsqfast::kde_density`` C++ kernels.
 
 Run: python benchmarks/bench_synthesis.py [--threads 2] [--quick]
 """
@@ -168,8 +171,31 @@ def iteration_rows(quick: bool) -> list[dict]:
     return rows
 
 
+def kde_rows(quick: bool) -> list[dict]:
+    from zsqfast.ops import kde_density as kd
+
+    batch = 4 if quick else 32
+    v = torch.rand(batch, 196 * 196) * 2 - 1
+    grid = (v.amin(1, keepdim=True) + (v.amax(1, keepdim=True) - v.amin(1, keepdim=True))
+            * torch.linspace(0, 1, 10)).contiguous()
+    gp = torch.randn(batch, 10)
+
+    def step(fn):
+        def run():
+            x = v.clone().requires_grad_(True)
+            (fn(x) * gp).sum().backward()
+        return run
+
+    med = round_robin({"plain PyTorch (official formula)": step(lambda x: kd.reference(x, grid, 0.01)),
+                       "zsqfast kde_density": step(lambda x: kd.kde_density(x, grid, 0.01))}, rounds=5)
+    base = med["plain PyTorch (official formula)"]
+    return [dict(part="d", case=f"KDE {batch}x196^2 values x 10 points", impl=k, ms=round(t * 1e3, 2),
+                 added_ms=float("nan"), speedup=f"{base / t:.2f}x the plain formula") for k, t in med.items()]
+
+
 def main() -> None:
-    cli(__doc__, "bench_synthesis", lambda quick: layer_rows(quick) + model_rows(quick) + iteration_rows(quick),
+    cli(__doc__, "bench_synthesis",
+        lambda quick: layer_rows(quick) + model_rows(quick) + iteration_rows(quick) + kde_rows(quick),
         [("part", "4s"), ("case", "40s"), ("impl", "22s"), ("ms", "9.3f"), ("added_ms", "9.3f"), ("speedup", "")],
         "(a) added_ms = time - time of the downstream use alone; speedup = added ms of the faster reference hook "
         "/ added ms of this implementation")

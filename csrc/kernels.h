@@ -47,6 +47,12 @@ void circular_conv_sep(const float* x, float* out, int64_t planes, int64_t H, in
 bool fft_filter_supported(int64_t n);
 void fft_filter_sep(const float* x, float* out, int64_t planes, int64_t H, int64_t W, const float* gh,
                     const float* gw);
+// Gaussian KDE of each row of contiguous fp32 v (B, M) at its K grid points t (B, K) (PSAQ-ViT, see
+// zsqfast/ops/kde_density.py): p[b, k] = sum_j exp(-0.5 ((t_k - v_j) / bw)^2) / (M bw sqrt(2 pi)); the backward
+// gv[b, j] = sum_k gp[b, k] z exp(-0.5 z^2) / (M bw^2 sqrt(2 pi)), z = (t_k - v_j) / bw. Deterministic.
+void kde_density(const float* v, const float* t, float* p, int64_t B, int64_t M, int64_t K, float bandwidth);
+void kde_density_bwd(const float* gp, const float* v, const float* t, float* gv, int64_t B, int64_t M, int64_t K,
+                     float bandwidth);
 // SynQ CAM-alignment loss (zsqfast/ops/cam_mse.py), contiguous fp32: a (B, K, h, w), alpha (B, K), target
 // (B, H, W); iy, wy (H, 2) and ix, wx (W, 2) the bilinear (align_corners=False) source indices and weights.
 // Forward writes s (B, h, w) = sum_k alpha_k a_k and returns mean((normalised upsampled ReLU(s) - target)^2);

@@ -287,6 +287,37 @@ at::Tensor fft_filter_sep(const at::Tensor& x, const at::Tensor& gh, const at::T
   return out;
 }
 
+void check_kde(const at::Tensor& v, const at::Tensor& grid, double bandwidth) {
+  TORCH_CHECK(v.device().is_cpu() && v.scalar_type() == at::kFloat && v.is_contiguous() && v.dim() == 2,
+              "zsqfast: kde_density takes contiguous float32 CPU values (B, M)");
+  TORCH_CHECK(grid.device().is_cpu() && grid.scalar_type() == at::kFloat && grid.is_contiguous() && grid.dim() == 2 &&
+                  grid.size(0) == v.size(0) && v.size(1) > 0,
+              "zsqfast: kde_density takes a contiguous float32 CPU grid (B, K) and M > 0 values per row");
+  TORCH_CHECK(bandwidth > 0, "zsqfast: kde_density needs a positive bandwidth");
+}
+
+at::Tensor kde_density(const at::Tensor& v, const at::Tensor& grid, double bandwidth) {
+  check_kde(v, grid, bandwidth);
+  at::Tensor p = at::empty_like(grid);
+  cpu::set_num_threads(at::get_num_threads());
+  cpu::kde_density(v.data_ptr<float>(), grid.data_ptr<float>(), p.data_ptr<float>(), v.size(0), v.size(1),
+                   grid.size(1), float(bandwidth));
+  return p;
+}
+
+at::Tensor kde_density_backward(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& grid,
+                                double bandwidth) {
+  check_kde(v, grid, bandwidth);
+  TORCH_CHECK(grad.device().is_cpu() && grad.scalar_type() == at::kFloat && grad.is_contiguous() &&
+                  grad.sizes() == grid.sizes(),
+              "zsqfast: kde_density_backward takes a contiguous float32 CPU gradient shaped like the grid");
+  at::Tensor gv = at::empty_like(v);
+  cpu::set_num_threads(at::get_num_threads());
+  cpu::kde_density_bwd(grad.data_ptr<float>(), v.data_ptr<float>(), grid.data_ptr<float>(), gv.data_ptr<float>(),
+                       v.size(0), v.size(1), grid.size(1), float(bandwidth));
+  return gv;
+}
+
 // ---- SynQ CAM-alignment loss (CPU only): contract in zsqfast/ops/cam_mse.py
 void check_cam_table(const at::Tensor& idx, const at::Tensor& wt, int64_t n_out, int64_t n_in, const char* axis) {
   TORCH_CHECK(idx.device().is_cpu() && idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.dim() == 2 &&
@@ -477,6 +508,8 @@ TORCH_LIBRARY(zsqfast_ext, m) {
         "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, int groups) -> Tensor");
   m.def("circular_conv_sep(Tensor x, Tensor wh, Tensor ww) -> Tensor");
   m.def("fft_filter_sep(Tensor x, Tensor gh, Tensor gw) -> Tensor");
+  m.def("kde_density(Tensor v, Tensor grid, float bandwidth) -> Tensor");
+  m.def("kde_density_backward(Tensor grad, Tensor v, Tensor grid, float bandwidth) -> Tensor");
   m.def("cam_mse(Tensor a, Tensor alpha, Tensor target, Tensor iy, Tensor wy, Tensor ix, Tensor wx) -> "
         "(Tensor, Tensor)");
   m.def("cam_mse_backward(Tensor grad, Tensor s, Tensor alpha, Tensor target, Tensor iy, Tensor wy, Tensor ix, "
@@ -494,6 +527,8 @@ TORCH_LIBRARY_IMPL(zsqfast_ext, CPU, m) {
   m.impl("bn_stats_backward", &zsqfast::bn_stats_backward);
   m.impl("circular_conv_sep", &zsqfast::circular_conv_sep);
   m.impl("fft_filter_sep", &zsqfast::fft_filter_sep);
+  m.impl("kde_density", &zsqfast::kde_density);
+  m.impl("kde_density_backward", &zsqfast::kde_density_backward);
   m.impl("cam_mse", &zsqfast::cam_mse);
   m.impl("cam_mse_backward", &zsqfast::cam_mse_backward);
   m.impl("lowbit_gemm", &zsqfast::lowbit_gemm);

@@ -40,6 +40,9 @@ register_impl("circular_conv_sep", "cpp", _native("circular_conv_sep"))
 register_impl("circular_conv_sep", "triton", _triton_impl("circular_conv_sep"))
 #: its wide-kernel path, the separable FFT filter (zsqfast/ops/fft_filter.py): C++ CPU kernel
 register_impl("fft_filter_sep", "cpp", _native("fft_filter_sep"))
+#: PSAQ-ViT's KDE (zsqfast/ops/kde_density.py): C++ CPU kernels
+register_impl("kde_density", "cpp", _native("kde_density"))
+register_impl("kde_density_backward", "cpp", _native("kde_density_backward"))
 #: SynQ's fused CAM-alignment loss (zsqfast/ops/cam_mse.py): C++ CPU kernels (other devices: the reference)
 register_impl("cam_mse", "cpp", _native("cam_mse"))
 register_impl("cam_mse_backward", "cpp", _native("cam_mse_backward"))

@@ -18,11 +18,11 @@ outputs are read with a forward pre-hook on the block's output projection (``pro
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..ops.kde_density import kde_density
 
 
 def _attention_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -43,9 +43,8 @@ def kde_entropy(values: torch.Tensor, bandwidth: float = 0.01, points: int = 10)
     lo, hi = v.detach().amin(1, keepdim=True), v.detach().amax(1, keepdim=True)
     steps = torch.linspace(0.0, 1.0, points, device=v.device, dtype=v.dtype)
     grid = lo + (hi - lo) * steps                                   # (B, K)
-    # p(t_k) = mean_j N(t_k; v_j, bw): the (B, K, M) kernel matrix, reduced over j
-    z = (grid.unsqueeze(2) - v.unsqueeze(1)) / bandwidth
-    p = torch.exp(-0.5 * z * z).mean(2) / (bandwidth * math.sqrt(2 * math.pi))
+    # p(t_k) = mean_j N(t_k; v_j, bw) (zsqfast::kde_density: no (B, K, M) kernel matrix on the CPU)
+    p = kde_density(v.contiguous(), grid.contiguous(), float(bandwidth))
     return torch.trapezoid(-p * torch.log(p + 1e-4), grid, dim=1)
 
 
