@@ -97,3 +97,25 @@ def test_kde_entropy_is_psaq_formula():
     got.sum().backward()
     want.sum().backward()
     assert (v.grad.double() - vd.grad).abs().max() <= 1e-4 * vd.grad.abs().max()
+
+
+def test_grid_gradient_double_backward_and_isa_sizes(cpu_isa):
+    # the grid's gradient (reference formula), a clear error for double backward, and small / multi-chunk rows
+    # on every ISA level, with exponents below the -87 cutoff giving the same zeros everywhere
+    for m in (1, 7, 15, 17, 8192 + 9):
+        v, grid = _case(2, m, 5, seed=m)
+        gp = torch.randn(2, 5, dtype=torch.float64)
+        vr, tr = v.double().requires_grad_(True), grid.double().requires_grad_(True)
+        (kd.reference(vr, tr, 0.05) * gp).sum().backward()
+        vv, tt = v.clone().requires_grad_(True), grid.clone().requires_grad_(True)
+        with zsqfast.use_backend("cpp"):
+            (kd.kde_density(vv, tt, 0.05) * gp.float()).sum().backward()
+        assert (vv.grad.double() - vr.grad).abs().max() <= 2e-5 * (vr.grad.abs().max() + 1e-30)
+        assert (tt.grad.double() - tr.grad).abs().max() <= 2e-5 * (tr.grad.abs().max() + 1e-30)
+    far = torch.full((1, 33), 13.3)                     # z^2 / 2 ~ 88.4 at bw 1: below the cutoff
+    with zsqfast.use_backend("cpp"):
+        assert torch.equal(kd.kde_density(far, torch.zeros(1, 2), 1.0), torch.zeros(1, 2))
+    x = torch.rand(1, 20, requires_grad=True)
+    gv, = torch.autograd.grad(kd.kde_density(x, torch.rand(1, 3), 0.1).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gv.sum().backward()

@@ -5,14 +5,19 @@ Semantics (:func:`reference`): for values v (B, M), grid points t (B, K) and a b
 
     p[b, k] = 1 / (M bw sqrt(2 pi)) * sum_j exp(-z^2 / 2),   z = (t[b, k] - v[b, j]) / bw.
 
-Differentiable in v (the grid is treated as a constant: PSAQ-ViT places it at the detached min / max):
+Differentiable in v and in the grid (PSAQ-ViT places the grid at the detached min / max, so only v's gradient is
+used there; the grid's runs the reference formula):
 
-    dL/dv[b, j] = 1 / (M bw^2 sqrt(2 pi)) * sum_k dL/dp[b, k] z exp(-z^2 / 2).
+    dL/dv[b, j] = 1 / (M bw^2 sqrt(2 pi)) * sum_k dL/dp[b, k] z exp(-z^2 / 2),
+    dL/dt[b, k] = -dL/dp[b, k] / (M bw^2 sqrt(2 pi)) * sum_j z exp(-z^2 / 2).
+
+Exponents below -87 count as 0 on every path of the kernels (e^-87 ~ 1.6e-38). No double backward.
 
 The reference forms the (B, K, M) kernel matrix (three such tensors, kept by autograd: ~0.5 GB per batch of 32
 DeiT images per block); the C++ CPU kernels (csrc/cpu/kde.cpp, fp32) stream over the values with the
 exponentials in registers (a degree-6 polynomial after range reduction, relative error ~1e-7) and recompute
-them in the backward. Other dtypes and devices run the reference. NaN values propagate as in the reference.
+them in the backward. fp16 / bf16 inputs run the kernels in fp32; fp64 and other devices run the reference. NaN
+values propagate as in the reference.
 """
 from __future__ import annotations
 
@@ -85,9 +90,26 @@ def _setup(ctx, inputs, output):
     ctx.bandwidth = inputs[2]
 
 
+def _grid_grad(grad, v, grid, bandwidth):
+    ct = torch.float64 if v.dtype == torch.float64 else torch.float32
+    z = (grid.to(ct).unsqueeze(2) - v.to(ct).unsqueeze(1)) / bandwidth
+    s = (z * torch.exp(-0.5 * z * z)).sum(2)
+    return (-grad.to(ct) * s / (v.shape[1] * bandwidth * bandwidth * math.sqrt(2 * math.pi))).to(grid.dtype)
+
+
 def _backward(ctx, grad):
     v, grid = ctx.saved_tensors
-    return kde_density_backward(grad.contiguous(), v, grid, ctx.bandwidth), None, None
+    gv = kde_density_backward(grad.contiguous(), v, grid, ctx.bandwidth) if ctx.needs_input_grad[0] else None
+    gt = _grid_grad(grad, v, grid, ctx.bandwidth) if ctx.needs_input_grad[1] else None
+    return gv, gt, None
 
 
 torch.library.register_autograd("zsqfast::kde_density", _backward, setup_context=_setup)
+
+
+def _no_double_backward(ctx, grad):
+    raise RuntimeError("zsqfast::kde_density has no double backward (its backward is not differentiable)")
+
+
+torch.library.register_autograd("zsqfast::kde_density_backward", _no_double_backward,
+                                setup_context=lambda ctx, inputs, output: None)
