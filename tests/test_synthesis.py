@@ -176,3 +176,32 @@ def test_deepinversion_cosine_schedule_and_constant_option():
     assert ds.meta["hyperparameters"]["scheduler"] is None
     with pytest.raises(ValueError, match="scheduler"):
         zsqfast.synthesize(model, 2, iterations=1, scheduler="step", progress=False, input_shape=(3, 8, 8))
+
+
+def test_interrupted_inside_a_batch_resumes_exactly(tmp_path, monkeypatch):
+    # a checkpoint after every iteration; the run dies in the middle of batch 1; the resumed run continues
+    # that batch from its checkpoint (not from scratch) and gives exactly the uninterrupted images
+    from zsqfast.synthesis import engine
+
+    model = tiny_bn_model()
+    kw = dict(batch_size=4, iterations=6, seed=7, progress=False, input_shape=(3, 8, 8))
+    full = zsqfast.synthesize(model, 8, **kw)
+    monkeypatch.setattr(engine, "CHECKPOINT_SECONDS", 0.0)
+    real_step, calls, die = engine._Batch.step, [], [True]
+
+    def dying_step(self, it=0):
+        calls.append((self.b, it))
+        if self.b == 1 and it == 4 and die:  # dies once
+            die.clear()
+            raise KeyboardInterrupt
+        return real_step(self, it)
+
+    monkeypatch.setattr(engine._Batch, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        zsqfast.synthesize(model, 8, out=tmp_path, **kw)
+    assert (tmp_path / "partial_00001.pt").exists() and not (tmp_path / "partial_00000.pt").exists()
+    calls.clear()
+    resumed = zsqfast.synthesize(model, 8, out=tmp_path, **kw)
+    assert calls == [(1, 4), (1, 5)]                       # only the missing iterations of batch 1
+    assert torch.equal(resumed.images, full.images) and torch.equal(resumed.labels, full.labels)
+    assert not list(tmp_path.glob("partial_*")) and not list(tmp_path.glob("*.tmp"))

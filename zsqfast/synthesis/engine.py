@@ -25,7 +25,10 @@ plateau scheduler needs; the official loop has 2 + 4 per BN layer), and an opt-i
 (``precision="bf16"``; images, Adam and every loss stay fp32).
 
 Every batch b is seeded from (seed, b) alone, so batches are independent: a run interrupted at any point and
-resumed (same ``out``) produces exactly the images of an uninterrupted run, and under ``torchrun`` each rank
+resumed (same ``out``) produces exactly the images of an uninterrupted run. Inside a batch its whole state
+(images, labels, Adam, scheduler, augmentation RNG) is checkpointed every :data:`CHECKPOINT_SECONDS` to
+``out/partial_<b>.pt`` (removed once the batch's shard is written), so an interruption loses at most that much
+work and the resumed batch continues exactly where it stopped. Under ``torchrun`` each rank
 takes the batches b with b % world_size == rank, writes their shards, and rank 0 merges one index: the result
 equals a single-process run with the same seed (same thread count and precision).
 """
@@ -35,6 +38,7 @@ import contextlib
 import hashlib
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +49,7 @@ from . import recipes
 from .bns_loss import BNSLoss
 from .centers import center_loss, center_statistics, make_centers
 from .patch_entropy import PatchEntropy, _attention_modules
-from .storage import ShardStore
+from .storage import ShardStore, atomic_write_bytes
 
 
 @dataclass
@@ -243,15 +247,52 @@ class _Batch:
         return value
 
 
+#: seconds between mid-batch checkpoints of a batch's whole optimisation state (``partial_<b>.pt`` in ``out``):
+#: an interrupted run resumes inside its batch, exactly, losing at most this much work
+CHECKPOINT_SECONDS = 60.0
+
+
+def _partial_name(b: int) -> str:
+    return f"partial_{b:05d}.pt"
+
+
+def _save_partial(store, state: "_Batch", it: int, loss_value: float) -> None:
+    payload = dict(it=it, loss=loss_value, x=state.x.detach().cpu(), y=state.y.cpu(), g=state.g.get_state(),
+                   opt=state.opt.state_dict(), sched=state.sched.state_dict() if state.sched is not None else None)
+    atomic_write_bytes(store.root / _partial_name(state.b), lambda f: torch.save(payload, f))
+
+
+def _load_partial(store, state: "_Batch") -> tuple[int, float]:
+    """Restore a batch from its checkpoint; returns (iterations done, last loss) ((0, nan) when none)."""
+    p = store.root / _partial_name(state.b)
+    if not p.exists():
+        return 0, float("nan")
+    payload = torch.load(p, map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        state.x.copy_(payload["x"])
+    state.y = payload["y"].to(state.y.device)
+    state.g.set_state(payload["g"])
+    state.opt.load_state_dict(payload["opt"])
+    if state.sched is not None:
+        state.sched.load_state_dict(payload["sched"])
+    return int(payload["it"]), float(payload["loss"])
+
+
 def _synthesize_batch(obj: _Objective, shape, num_classes: int, b: int, batch: int, seed: int, iterations: int,
-                      channels_last: bool, device, bar) -> tuple[torch.Tensor, torch.Tensor, float]:
+                      channels_last: bool, device, bar, store=None) -> tuple[torch.Tensor, torch.Tensor, float]:
     state = _Batch(obj, shape, num_classes, b, batch, seed, channels_last, device, iterations)
-    loss_value = float("nan")
-    for it in range(iterations):
+    start, loss_value = _load_partial(store, state) if store is not None else (0, float("nan"))
+    if bar is not None and start:
+        bar.update(start)
+    last = time.monotonic()
+    for it in range(start, iterations):
         loss_value = state.step(it)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(batch=b, loss=f"{loss_value:.4g}", refresh=False)
+        if store is not None and it + 1 < iterations and time.monotonic() - last >= CHECKPOINT_SECONDS:
+            _save_partial(store, state, it + 1, loss_value)
+            last = time.monotonic()
     return state.x.detach().contiguous(), state.y.cpu(), loss_value
 
 
@@ -387,9 +428,10 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
             for b in todo:
                 batch = min(batch_size, num_images - b * batch_size)
                 x, y, final = _synthesize_batch(obj, shape, num_classes, b, batch, seed, iterations, channels_last,
-                                             device, bar)
+                                             device, bar, store)
                 if store:
                     store.save_batch(index, b, x, y, final, sidecar=world > 1)
+                    (store.root / _partial_name(b)).unlink(missing_ok=True)  # the shard supersedes it
                 results[b] = (x.cpu(), y, final)
             if bar is not None:
                 bar.close()
