@@ -2,6 +2,8 @@
 #pragma once
 #include <cstdint>
 
+#include "lowbit.h"
+
 namespace zsqfast::cpu::lowbit {
 
 // One call: x fp32 (B, C, H, W) in NCHW (x_nhwc false) or NHWC memory order; weights (OC, K = C kh kw) packed
@@ -20,6 +22,11 @@ struct ImplicitConv {
   int32_t za;
   float* y;
 };
+
+// Weight code (n, k) of the call's packed weights (zsqfast/ops/lowbit_pack.py).
+inline int32_t wcode(const ImplicitConv& c, int64_t n, int64_t k) {
+  return packed_code(c.w + n * row_bytes(c.w_bits, padded_k(c.K)), c.w_bits, k);
+}
 
 // The padded NHWC code buffer: image b, padded row hp, padded column wp at X[((b Hp + hp) Wp + wp) Cs],
 // Hp = H + 2 ph, Wp = W + 2 pw, Cs = C rounded up to 16 (pad channels hold 0); the ring holds the pad code

@@ -49,9 +49,7 @@ Conv make_conv(const float* x, bool x_nhwc, int64_t B, int64_t C, int64_t H, int
 
 int64_t row_bytes_k(int bits, int64_t K) { return lowbit::row_bytes(bits, lowbit::padded_k(K)); }  // unpadded K
 
-int32_t wcode(const Conv& c, int64_t n, int64_t k) {  // weight code (n, k) of the packed layout
-  return lowbit::packed_code(c.w + n * row_bytes_k(c.w_bits, c.K), c.w_bits, k);
-}
+using lowbit::wcode;  // weight code (n, k) of the packed layout
 
 template <class T>  // int32_t, int64_t or __int128 (exact integers; float(v) rounds to nearest even)
 float epilogue(const Conv& c, int64_t n, T v) {

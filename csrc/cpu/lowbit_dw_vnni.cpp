@@ -21,11 +21,6 @@ namespace {
 
 #include "vnni_ops.inc"
 
-// weight code (n, k) of the packed layout (zsqfast/ops/lowbit_pack.py)
-int32_t wcode(const ImplicitConv& c, int64_t n, int64_t k) {
-  return packed_code(c.w + n * row_bytes(c.w_bits, padded_k(c.K)), c.w_bits, k);
-}
-
 }  // namespace
 
 bool depthwise_nhwc_applies(const ImplicitConv& c, int64_t groups) {
