@@ -41,17 +41,10 @@ import torch.nn.functional as F
 
 from .cam_loss import cam_mse
 from .head import grab_head_weight, linear_head
-from .layout import call_channels_last
+from .layout import _unwrap, call_channels_last
 
 MODES = ("synq", "standard")
 _STANDARD_LAYER: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside (Distributed)DataParallel wrappers (the student under torchrun is one)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
 
 
 def last_block(model: nn.Module) -> nn.Module | None:

@@ -21,9 +21,11 @@ _NCHW_ONLY: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # the models (unwr
 _LAYOUT_ERROR = "view size is not compatible"
 
 
-def _unwrap(m: nn.Module) -> nn.Module:
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return m.module if isinstance(m, wrappers) else m
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside (Distributed)DataParallel wrappers (the student under torchrun is one)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
 
 
 def _known_nchw(m: nn.Module) -> bool:
