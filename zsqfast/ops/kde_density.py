@@ -28,19 +28,27 @@ import torch
 from ._dispatch import define_op
 
 
-def reference(v: torch.Tensor, grid: torch.Tensor, bandwidth: float) -> torch.Tensor:
-    """p (B, K) in v's precision (fp32 for fp32 / half inputs)."""
+def _kernel(v: torch.Tensor, grid: torch.Tensor, bandwidth: float):
+    """(z, exp(-z^2 / 2)) (B, K, M) with z = (t_k - v_j) / bw, in v's precision (fp32 for fp32 / half inputs)."""
     ct = torch.float64 if v.dtype == torch.float64 else torch.float32
     z = (grid.to(ct).unsqueeze(2) - v.to(ct).unsqueeze(1)) / bandwidth
-    return torch.exp(-0.5 * z * z).mean(2) / (bandwidth * math.sqrt(2 * math.pi))
+    return z, torch.exp(-0.5 * z * z)
+
+
+def _gauss_norm_sq(m: int, bandwidth: float) -> float:
+    return m * bandwidth * bandwidth * math.sqrt(2 * math.pi)  # the gradients' common divisor
+
+
+def reference(v: torch.Tensor, grid: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """p (B, K) in v's precision (fp32 for fp32 / half inputs)."""
+    return _kernel(v, grid, bandwidth)[1].mean(2) / (bandwidth * math.sqrt(2 * math.pi))
 
 
 def backward_reference(grad: torch.Tensor, v: torch.Tensor, grid: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """dL/dv (B, M) from dL/dp (B, K)."""
-    ct = torch.float64 if v.dtype == torch.float64 else torch.float32
-    z = (grid.to(ct).unsqueeze(2) - v.to(ct).unsqueeze(1)) / bandwidth
-    g = (grad.to(ct).unsqueeze(2) * z * torch.exp(-0.5 * z * z)).sum(1)
-    return (g / (v.shape[1] * bandwidth * bandwidth * math.sqrt(2 * math.pi))).to(v.dtype)
+    z, e = _kernel(v, grid, bandwidth)
+    g = (grad.to(z.dtype).unsqueeze(2) * z * e).sum(1)
+    return (g / _gauss_norm_sq(v.shape[1], bandwidth)).to(v.dtype)
 
 
 def _fake(v, grid, bandwidth):
@@ -91,10 +99,9 @@ def _setup(ctx, inputs, output):
 
 
 def _grid_grad(grad, v, grid, bandwidth):
-    ct = torch.float64 if v.dtype == torch.float64 else torch.float32
-    z = (grid.to(ct).unsqueeze(2) - v.to(ct).unsqueeze(1)) / bandwidth
-    s = (z * torch.exp(-0.5 * z * z)).sum(2)
-    return (-grad.to(ct) * s / (v.shape[1] * bandwidth * bandwidth * math.sqrt(2 * math.pi))).to(grid.dtype)
+    """dL/dt (B, K) from dL/dp (B, K) (the reference formula; PSAQ-ViT's grid needs none)."""
+    z, e = _kernel(v, grid, bandwidth)
+    return (-grad.to(z.dtype) * (z * e).sum(2) / _gauss_norm_sq(v.shape[1], bandwidth)).to(grid.dtype)
 
 
 def _backward(ctx, grad):
