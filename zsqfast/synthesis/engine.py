@@ -26,9 +26,9 @@ plateau scheduler needs; the official loop has 2 + 4 per BN layer), and an opt-i
 
 Every batch b is seeded from (seed, b) alone, so batches are independent: a run interrupted at any point and
 resumed (same ``out``) produces exactly the images of an uninterrupted run. Inside a batch its whole state
-(images, labels, Adam, scheduler, augmentation RNG) is checkpointed every :data:`CHECKPOINT_SECONDS` to
-``out/partial_<b>.pt`` (removed once the batch's shard is written), so an interruption loses at most that much
-work and the resumed batch continues exactly where it stopped. Under ``torchrun`` each rank
+(images, Adam, scheduler, augmentation RNG; the labels follow from the seed) is checkpointed every
+:data:`CHECKPOINT_SECONDS` to ``out/partial_<b>.pt`` (removed once the batch's shard is written), so an
+interruption loses at most that much work and the resumed batch continues exactly where it stopped. Under ``torchrun`` each rank
 takes the batches b with b % world_size == rank, writes their shards, and rank 0 merges one index: the result
 equals a single-process run with the same seed (same thread count and precision).
 """
@@ -257,7 +257,7 @@ def _partial_name(b: int) -> str:
 
 
 def _save_partial(store, state: "_Batch", it: int, loss_value: float) -> None:
-    payload = dict(it=it, loss=loss_value, x=state.x.detach().cpu(), y=state.y.cpu(), g=state.g.get_state(),
+    payload = dict(it=it, loss=loss_value, x=state.x.detach().cpu(), g=state.g.get_state(),
                    opt=state.opt.state_dict(), sched=state.sched.state_dict() if state.sched is not None else None)
     atomic_write_bytes(store.root / _partial_name(state.b), lambda f: torch.save(payload, f))
 
@@ -270,7 +270,6 @@ def _load_partial(store, state: "_Batch") -> tuple[int, float]:
     payload = torch.load(p, map_location="cpu", weights_only=True)
     with torch.no_grad():
         state.x.copy_(payload["x"])
-    state.y = payload["y"].to(state.y.device)
     state.g.set_state(payload["g"])
     state.opt.load_state_dict(payload["opt"])
     if state.sched is not None:
