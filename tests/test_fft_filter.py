@@ -93,6 +93,22 @@ def test_asymmetric_mask_runs_the_reference():
     assert not ff._symmetric(gh) and ff._symmetric(sym_mask(12, torch.Generator()).float())
 
 
+def test_symmetry_cache_sees_in_place_edits():
+    """The adapter remembers each mask's symmetry; an in-place edit (a new version) is checked again."""
+    x = torch.randn(2, 8, 12, dtype=torch.float64).float()
+    gh, gw = sym_mask(8, torch.Generator()).float(), sym_mask(12, torch.Generator()).float()
+    with zsqfast.use_backend("cpp" if "cpp" in BACKENDS else "reference"):
+        first = ff.fft_filter_sep(x, gh, gw)
+        assert ff._symmetric_cached(gh) and ff._symmetric_cached(gw)
+        gw[1] += 0.5                                          # now asymmetric
+        assert not ff._symmetric_cached(gw)
+        got = ff.fft_filter_sep(x, gh, gw)
+    assert not torch.equal(got, first) and torch.equal(got, ff.reference(x, gh, gw))
+    with torch.inference_mode():
+        g = sym_mask(8, torch.Generator()).float()
+        assert ff._symmetric_cached(g)                          # no version counter: checked every call
+
+
 def test_supported_length():
     assert all(ff.supported_length(n) for n in (1, 2, 32, 224, 61, 64 * 61, 3 * 5 * 7 * 11 * 13))
     assert not any(ff.supported_length(n) for n in (0, 67, 2 * 67, 127))

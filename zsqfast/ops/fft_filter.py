@@ -15,6 +15,7 @@ O(log n) work per pixel per axis where the dense circulant costs O(n).
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -46,6 +47,26 @@ def _symmetric(g: torch.Tensor) -> bool:
     return bool(torch.equal(g[1:], g[1:].flip(0)))
 
 
+_SYMMETRY: dict[int, tuple] = {}  # id(mask) -> (weakref, version counter when checked, result)
+
+
+def _symmetric_cached(g: torch.Tensor) -> bool:
+    """:func:`_symmetric`, remembered per mask tensor until the tensor is modified in place (its version
+    counter moves) or freed: the masks are cached constants, and the check costs ~8 us per call."""
+    try:
+        version = g._version
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return _symmetric(g)
+    hit = _SYMMETRY.get(id(g))
+    if hit is not None and hit[0]() is g and hit[1] == version:
+        return hit[2]
+    result = _symmetric(g)
+    if len(_SYMMETRY) >= 256:
+        _SYMMETRY.clear()
+    _SYMMETRY[id(g)] = (weakref.ref(g), version, result)
+    return result
+
+
 def reference(x: torch.Tensor, gh: torch.Tensor, gw: torch.Tensor) -> torch.Tensor:
     """``ifft2(fft2(x) * gh[:, None] * gw[None, :]).real`` in x's precision; via rfft2 / irfft2 when the masks
     are symmetric (then the half spectrum carries everything and the real part drops nothing)."""
@@ -70,7 +91,7 @@ def _adapter(impl, x, gh, gw):
                          f", {tuple(gh.shape)}, {tuple(gw.shape)}")
     h, w = x.shape[-2:]
     if (x.dtype == torch.float64 or x.numel() == 0 or not (supported_length(h) and supported_length(w))
-            or not (_symmetric(gh) and _symmetric(gw))):
+            or not (_symmetric_cached(gh) and _symmetric_cached(gw))):
         return reference(x, gh, gw)
     xf = x.reshape(-1, h, w)
     if xf.dtype != torch.float32 or not xf.is_contiguous():

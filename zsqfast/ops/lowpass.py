@@ -161,8 +161,13 @@ torch.library.register_autograd("zsqfast::circular_conv_sep", _conv_backward, se
 def _sepfft_native() -> bool:
     """True when fft_filter_sep would run its C++ kernel now (the extension is loaded and the requested
     backend is auto or cpp); otherwise its reference is an rfft2 and the older crossovers apply."""
-    return (_backend.get_backend() in ("auto", "cpp")
-            and _backend.unavailable_reason("cpp", "cpu", "fft_filter_sep") is None)
+    return _native_for(_backend.get_backend())
+
+
+@functools.lru_cache(maxsize=8)
+def _native_for(backend: str) -> bool:
+    # cached per requested backend: the extension loads once per process, so the answer cannot change
+    return backend in ("auto", "cpp") and _backend.unavailable_reason("cpp", "cpu", "fft_filter_sep") is None
 
 
 def auto_method(h: int, w: int, d0: float, device: str = "cpu") -> str:
@@ -170,7 +175,7 @@ def auto_method(h: int, w: int, d0: float, device: str = "cpu") -> str:
     docstring). fp64 input on the sepfft path runs its (rfft2) reference."""
     if len(band_taps(h, d0)) + len(band_taps(w, d0)) <= BANDED_FRACTION * (h + w):
         return "banded"
-    if torch.device(device).type == "cpu" and supported_length(h) and supported_length(w) and _sepfft_native():
+    if str(device).partition(":")[0] == "cpu" and supported_length(h) and supported_length(w) and _sepfft_native():
         return "sepfft"
     return "rfft" if h + w > RFFT_MIN_SIZE else "circulant"
 
@@ -201,7 +206,7 @@ def gaussian_lowpass(x: torch.Tensor, d0: float, *, method: str = "auto") -> tor
     if method == "fft":
         return reference(x, d0)
     h, w = x.shape[-2:]
-    method = auto_method(h, w, float(d0), str(x.device)) if method == "auto" else method
+    method = auto_method(h, w, float(d0), x.device.type) if method == "auto" else method
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     if method == "sepfft":
         g_h, g_w = (fft_mask_1d(n, float(d0), ct, str(x.device)) for n in (h, w))
