@@ -63,11 +63,37 @@ def test_mse_range_never_worse_than_minmax(bits):
         full.running_min.fill_(float(v.min()))
         full.running_max.fill_(float(v.max()))
         full.calibrated = True
-        if n == "relu1.1":  # no quantizer upstream: the search saw these very values and can't lose
-            assert _err(a_mse, v) <= _err(full, v) + 1e-12
+        # sequential search: every quantizer saw these very values (upstream on their final ranges): no loss
+        assert _err(a_mse, v) <= _err(full, v) + 1e-12
         shrunk += float(a_mse.running_max) < 0.9 * float(v.max())
     if bits <= 4:
         assert shrunk >= 1
+
+
+def test_search_is_sequential():
+    """relu2's range is the best one for what reaches it with relu1 on its SEARCHED range: re-searching relu2
+    alone on the calibrated model changes nothing, while a search on min/max-upstream activations differs."""
+    xs = _batches()
+    q = zsqfast.calibrate(_model(3), xs, method="mse")
+    kept = q.relu2[1].running_max.clone()
+    q.relu1[1].freeze()
+    mse_search_ranges(q, xs)                     # relu2 alone, on what relu1's searched range lets through
+    assert torch.equal(q.relu2[1].running_max, kept)
+    ind = zsqfast.calibrate(_model(3), xs)       # min/max everywhere
+    ind.relu1[1].freeze()
+    mse_search_ranges(ind, xs)                   # relu2 on min/max-upstream activations (the old, independent way)
+    assert not torch.equal(ind.relu2[1].running_max, kept)
+
+
+def test_shared_quantizer_is_searched_once():
+    act = QuantAct(4)
+    model = nn.Sequential(act, nn.Identity(), act)  # one module at two call sites
+    v = torch.distributions.Laplace(0.0, 1.0).sample((50_000,)).abs()
+    zsqfast.calibrate(model, [v], warn=False)
+    calls = []
+    act.register_forward_pre_hook(lambda mod, inp: calls.append(1))
+    mse_search_ranges(model, [v, v])
+    assert len(calls) == 2 and float(act.running_max) < float(v.max())
 
 
 def test_uniform_data_keeps_nearly_full_range():

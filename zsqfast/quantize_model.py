@@ -170,7 +170,8 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, freeze: bool
 
     ``method``: ``"minmax"`` (the EMA of batch min / max above: the official ZeroQ-lineage observer) or
     ``"mse"``: the min/max pass, then each observing QuantAct's range shrunk to the clipping range of least
-    quantization MSE on the same batches (:func:`zsqfast.range_search.mse_search_ranges`).
+    quantization MSE on what reaches it from the same batches, searched in forward order with every upstream
+    quantizer already on its searched range (:func:`zsqfast.range_search.mse_search_ranges`).
 
     ``warn``: after calibration, QuantActs called a number of times other than once per batch are named
     in a warning: never (a module the forward does not use) or several times (a ReLU module reused at

@@ -1,18 +1,27 @@
 """MSE range search for activation quantizers: the clipping range that minimizes the quantization error.
 
 A min/max range spends the few levels of a 4- or 3-bit grid on rare outliers (synthetic images make them
-common). :func:`mse_search_ranges` runs the calibration batches through the model once, capturing what
-reaches each :class:`~zsqfast.nn.QuantAct` (upstream quantizers on their calibrated min/max ranges), and picks
-per quantizer the shrink factor ``a`` of its observed range minimizing::
+common). :func:`mse_search_ranges` runs the calibration batches through the model once, as one batch, and
+each :class:`~zsqfast.nn.QuantAct`, when the forward first reaches it, picks the shrink factor ``a`` of the
+range of what reaches it minimizing::
 
     E[(Q_a(x) - x)^2],   Q_a = fake-quantization on the range [a * min, a * max]   (unsigned: [min, a * max])
 
 over a coarse grid (``alphas``, default 0.05, 0.10, ..., 1.0; ``a = 1`` is the unclipped range, so the
-result is never worse on the captured values), refined in 0.01 steps around the best. The criterion uses
-only the calibration data (synthetic images in the zero-shot pipeline): nothing is tuned on held-out data.
-At most ``max_values`` values per quantizer (a fixed-seed random subsample, spread over the batches) enter
-the error; min and max are taken over everything. Cost: one no-grad forward of the batches plus ~28
-fake-quantizations of at most ``max_values`` values per quantizer.
+result is never worse on those values), refined in 0.01 steps around the best, and then quantizes with it.
+
+The search is *sequential*: every quantizer upstream already holds its searched range, so each range is
+optimal for the activations the calibrated model really produces (the rule of sequential post-training
+quantization, as in AdaRound / GPTQ). Searching every quantizer on activations captured with the upstream
+ones on their min/max ranges instead calibrates each for a network that never runs. Measured once, when the
+choice was made (W3A3, synthetic calibration, the first 1,000 test_dev images; after calibration / after 40 KD
+epochs): CIFAR ResNet-56 36 % / 40 % independent, 50 % / 67 % sequential; ResNet-20 62 % / 72.5 %
+independent, 55 % / 71 % sequential (a small loss on the shallow net, a large gain on the deep one).
+
+The criterion uses only the calibration data (synthetic images in the zero-shot pipeline): nothing is tuned on
+held-out data. At most ``max_values`` values per quantizer (a fixed-seed random subsample) enter the error;
+min and max are taken over everything. Cost: one no-grad forward of the concatenated batches (memory: one
+batch of all calibration images) plus ~28 fake-quantizations of at most ``max_values`` values per quantizer.
 """
 from __future__ import annotations
 
@@ -26,32 +35,6 @@ from .ops.fake_quantize import fake_quantize
 from .ops.qparams import qparams_from_range
 
 DEFAULT_ALPHAS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # coarse grid; refined by 0.01 steps
-
-
-def _capture_all(model: nn.Module, acts: dict[str, QuantAct], batches: list[torch.Tensor], max_values: int,
-                 g: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """One no-grad pass over ``batches``: per QuantAct ``(values, min, max)``, ``values`` a random subsample
-    (at most ``max_values / len(batches)`` per batch) of what reached it, min / max over everything that did."""
-    per_batch = max(1, -(-max_values // max(1, len(batches))))
-    got: dict[str, list] = {n: [] for n in acts}
-
-    def hook(mod, inp, name):
-        v = inp[0].detach().reshape(-1).float()
-        lo, hi = torch.aminmax(v)
-        if v.numel() > per_batch:
-            v = v[torch.randint(0, v.numel(), (per_batch,), generator=g)]
-        got[name].append((v, lo, hi))
-
-    handles = [m.register_forward_pre_hook(lambda mod, inp, n=n: hook(mod, inp, n)) for n, m in acts.items()]
-    try:
-        with torch.no_grad():
-            for xb in batches:
-                model(xb)
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: (torch.cat([v for v, _, _ in c]), torch.stack([lo for _, lo, _ in c]).min().reshape(1),
-                torch.stack([hi for _, _, hi in c]).max().reshape(1)) for n, c in got.items() if c}
 
 
 def _range_error(v: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, a: float, act: QuantAct):
@@ -102,13 +85,27 @@ def mse_search_ranges(model: nn.Module, batches: Iterable[torch.Tensor], *,
         raise ValueError("alphas must be a non-empty list of factors in (0, 1]")
     xs = [xb[0] if isinstance(xb, (tuple, list)) else xb for xb in batches]
     model.eval()
-    acts = {n: m for n, m in model.named_modules() if isinstance(m, QuantAct) and not m.frozen}
-    if not acts:  # nothing to search: no capture pass
+    pending = {id(m): m for m in model.modules() if isinstance(m, QuantAct) and not m.frozen}
+    if not pending or not xs:  # nothing to search: no pass
         return model
-    captured = _capture_all(model, acts, xs, max_values, torch.Generator().manual_seed(seed))
-    for name, (v, lo, hi) in captured.items():  # quantizers the forward never reached keep their range
-        act = acts[name]
-        new_lo, new_hi = _best_range(v, lo, hi, act, alphas_l)
+    g = torch.Generator().manual_seed(seed)
+
+    def search(act, inp):  # before the quantizer's first call: its range from what reaches it now
+        if pending.pop(id(act), None) is None:  # frozen, or searched at an earlier call of a shared module
+            return
+        v = inp[0].detach().reshape(-1).float()
+        lo, hi = torch.aminmax(v)
+        if v.numel() > max_values:
+            v = v[torch.randint(0, v.numel(), (max_values,), generator=g)]
+        new_lo, new_hi = _best_range(v, lo.reshape(1), hi.reshape(1), act, alphas_l)
         act.running_min.copy_(new_lo.to(act.running_min))
         act.running_max.copy_(new_hi.to(act.running_max))
+
+    handles = [m.register_forward_pre_hook(search) for m in pending.values()]
+    try:
+        with torch.no_grad():  # quantizers the forward never reaches keep their range
+            model(torch.cat(xs) if len(xs) > 1 else xs[0])
+    finally:
+        for h in handles:
+            h.remove()
     return model

@@ -57,7 +57,7 @@ FftPlan make_plan(int64_t n, const float* g) {
         p.tw.push_back(float(std::sin(a)));
       }
     p.roots_off.push_back(int64_t(p.roots.size()));
-    if (R % 2 == 1) {
+    if (R % 2 == 1 && R > 7) {  // only the generic odd radix reads it (3, 5 and 7 are compile-time stages)
       const int64_t h = (R - 1) / 2;
       for (int64_t r = 1; r <= h; ++r)
         for (int64_t q = 1; q <= h; ++q) {
