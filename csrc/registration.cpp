@@ -279,6 +279,11 @@ at::Tensor fft_filter_sep(const at::Tensor& x, const at::Tensor& gh, const at::T
     TORCH_CHECK(g->scalar_type() == at::kFloat && g->is_contiguous() && g->dim() == 1 && g->device().is_cpu() &&
                     g->numel() == x.size(i++),
                 "zsqfast: fft_filter_sep masks must be contiguous float32 CPU vectors of length H and W");
+    // the kernel's real-row packing is exact only for g[k] == g[(n - k) % n] (a NaN fails too); the Python
+    // adapter matches this message and runs the complex reference instead
+    const float* v = g->data_ptr<float>();
+    for (int64_t k = 1, n = g->numel(); k < n; ++k)
+      TORCH_CHECK_VALUE(v[k] == v[n - k], "zsqfast: fft_filter_sep masks must be symmetric");
   }
   at::Tensor out = at::empty_like(x);
   cpu::set_num_threads(at::get_num_threads());

@@ -85,15 +85,56 @@ def test_search_is_sequential():
     assert not torch.equal(ind.relu2[1].running_max, kept)
 
 
-def test_shared_quantizer_is_searched_once():
+class _Times4(nn.Module):
+    def forward(self, x):
+        return 4 * x
+
+
+class _Boom(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def _searched(v: torch.Tensor, bits: int = 4) -> QuantAct:
+    """A fresh QuantAct calibrated and MSE-searched on v alone."""
+    act = QuantAct(bits)
+    zsqfast.calibrate(nn.Sequential(act), [v], method="mse")
+    return act
+
+
+def test_shared_quantizer_gets_one_range_over_all_its_calls():
+    """One module at two call sites: the first call's search quantizes during the forward, then one search over
+    both sites' values (the second site sees 4x the first site's quantized output) sets the range."""
+    v = torch.distributions.Laplace(0.0, 1.0).sample((20_000,)).abs()
     act = QuantAct(4)
-    model = nn.Sequential(act, nn.Identity(), act)  # one module at two call sites
-    v = torch.distributions.Laplace(0.0, 1.0).sample((50_000,)).abs()
+    model = nn.Sequential(act, _Times4(), act)
     zsqfast.calibrate(model, [v], warn=False)
-    calls = []
-    act.register_forward_pre_hook(lambda mod, inp: calls.append(1))
-    mse_search_ranges(model, [v, v])
-    assert len(calls) == 2 and float(act.running_max) < float(v.max())
+    mse_search_ranges(model, [v])
+    first = _searched(v)
+    with torch.no_grad():
+        pooled = _searched(torch.cat([v, 4 * first(v)]))
+    assert torch.equal(act.running_max, pooled.running_max)
+    assert float(act.running_max) > 2 * float(first.running_max)     # not the first site's range alone
+
+
+def test_failed_forward_restores_the_ranges():
+    v = torch.distributions.Laplace(0.0, 1.0).sample((20_000,)).abs()
+    act = QuantAct(4).train()
+    act(v)
+    kept = act.running_max.clone()
+    with pytest.raises(RuntimeError, match="boom"):
+        mse_search_ranges(nn.Sequential(act, _Boom()), [v])
+    assert torch.equal(act.running_max, kept)                       # searched before the failure, then restored
+
+
+def test_batches_that_cannot_form_one_batch():
+    q = zsqfast.calibrate(_model(), _batches(1))
+    xs = [torch.randn(2, 3, 9, 7), torch.randn(2, 3, 8, 7)]
+    with pytest.raises(ValueError, match="one batch"):
+        mse_search_ranges(q, xs)
+    with pytest.raises(ValueError, match="one batch"):
+        mse_search_ranges(q, [xs[0], xs[0].double()])
+    mse_search_ranges(q, [(xs[0], torch.zeros(2)), (xs[0][:1], torch.zeros(1))])  # tuples, unequal sizes: fine
 
 
 def test_uniform_data_keeps_nearly_full_range():
