@@ -120,12 +120,14 @@ def mse_search_ranges(model: nn.Module, batches: Iterable[torch.Tensor], *,
     saved = {k: (m.running_min.clone(), m.running_max.clone()) for k, m in acts.items()}
     sites: dict[int, list] = {}  # per searched quantizer: (values, min, max) of each call site
 
+    def subsample(v):  # at most max_values of v, drawn with the search's generator
+        return v[torch.randint(0, v.numel(), (max_values,), generator=g)] if v.numel() > max_values else v
+
     def search(act, inp):  # before each call of a quantizer: at its first, its range from what reaches it now
         calls = sites.get(id(act))
         v = inp[0].detach().reshape(-1).float()
         lo, hi = (t.reshape(1) for t in torch.aminmax(v))
-        if v.numel() > max_values:
-            v = v[torch.randint(0, v.numel(), (max_values,), generator=g)]
+        v = subsample(v)
         if calls is None:
             sites[id(act)] = [(v, lo, hi)]
             _set_range(act, _best_range(v, lo, hi, act, alphas_l))
@@ -146,31 +148,8 @@ def mse_search_ranges(model: nn.Module, batches: Iterable[torch.Tensor], *,
     for k, calls in sites.items():  # a module called at several places: one range over all of them
         if len(calls) > 1:
             act = acts[k]
-            v = torch.cat([c[0] for c in calls])
-            if v.numel() > max_values:
-                v = v[torch.randint(0, v.numel(), (max_values,), generator=g)]
+            v = subsample(torch.cat([c[0] for c in calls]))
             lo = torch.stack([c[1] for c in calls]).min().reshape(1)
             hi = torch.stack([c[2] for c in calls]).max().reshape(1)
             _set_range(act, _best_range(v, lo, hi, act, alphas_l))
-    return model
-    g = torch.Generator().manual_seed(seed)
-
-    def search(act, inp):  # before the quantizer's first call: its range from what reaches it now
-        if pending.pop(id(act), None) is None:  # frozen, or searched at an earlier call of a shared module
-            return
-        v = inp[0].detach().reshape(-1).float()
-        lo, hi = torch.aminmax(v)
-        if v.numel() > max_values:
-            v = v[torch.randint(0, v.numel(), (max_values,), generator=g)]
-        new_lo, new_hi = _best_range(v, lo.reshape(1), hi.reshape(1), act, alphas_l)
-        act.running_min.copy_(new_lo.to(act.running_min))
-        act.running_max.copy_(new_hi.to(act.running_max))
-
-    handles = [m.register_forward_pre_hook(search) for m in acts.values()]
-    try:
-        with torch.no_grad():  # quantizers the forward never reaches keep their range
-            model(torch.cat(xs) if len(xs) > 1 else xs[0])
-    finally:
-        for h in handles:
-            h.remove()
     return model
