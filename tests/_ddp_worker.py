@@ -1,6 +1,7 @@
 """Run by tests/test_pipeline_ddp.py under ``python -m torch.distributed.run --nproc_per_node 2``: the
-pipeline's fine-tuning stage data-parallel on gloo, on a tiny BN-CNN and a tiny fixed "synthetic" set.
-Writes ``<out>/rank<r>.pt``: the final state_dict and the rank-0 history."""
+pipeline data-parallel on gloo, on a tiny BN-CNN: ``data="given"`` fine-tunes a tiny fixed "synthetic" set,
+``data="synthesize"`` runs the whole pipeline, the ranks splitting the synthesis batches.
+Writes ``<out>/rank<r>.pt``: the final state_dict, the rank-0 history and the synthetic set the rank used."""
 import sys
 
 import torch
@@ -8,21 +9,24 @@ import torch
 torch.set_num_threads(1)
 
 import zsqfast  # noqa: E402
-from _tiny import tiny_images, tiny_model  # noqa: E402  (tests/ is this script's directory)
+from _tiny import SYNTH_BUDGET, tiny_images, tiny_model  # noqa: E402  (tests/ is this script's directory)
 from zsqfast import distributed as zdist  # noqa: E402
 
 
-def main(out: str, method: str) -> None:
+def main(out: str, method: str, data: str = "given") -> None:
     assert zdist.init_from_env(), "expected WORLD_SIZE > 1"
     fp = tiny_model()
     images, labels = tiny_images(32)
-    res = zsqfast.quantize(fp, 4, 4, method=method, epochs=3, batch_size=8, data=(images, labels), out=out,
+    kw = dict(data=(images, labels)) if data == "given" else dict(SYNTH_BUDGET)
+    res = zsqfast.quantize(fp, 4, 4, method=method, epochs=3, batch_size=8, out=out,
                            eval_data=(images[:8], labels[:8]), progress=False,
-                           finetune_options=dict(lr=1e-3, calib_batches=1))
+                           finetune_options=dict(lr=1e-3, calib_batches=1), **kw)
+    synth = zsqfast.SyntheticDataset.load(f"{out}/synthetic") if data != "given" else None
     torch.save({"state": res.model.state_dict(), "rtn": res.rtn_model.state_dict(), "history": res.history,
-                "world": zdist.world_size()}, f"{out}/rank{zdist.rank()}.pt")
+                "world": zdist.world_size(), "synthetic": None if synth is None else (synth.images, synth.labels)},
+               f"{out}/rank{zdist.rank()}.pt")
     zdist.barrier()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

@@ -17,3 +17,7 @@ def tiny_model() -> nn.Module:
 def tiny_images(n: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, 12, 12, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+# a quantize() synthesis budget for the multi-process tests: 4 batches, 2 per rank of 2
+SYNTH_BUDGET = dict(num_images=32, synth_iterations=2, synth_batch_size=8)

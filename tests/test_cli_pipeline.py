@@ -55,7 +55,27 @@ def test_console_entry_point_help():
     assert r.returncode == 0 and "--w-bits" in r.stdout
 
 
-def test_quantize_then_eval_and_resume(files, quantized, capsys):
+def test_console_script_installed():
+    """The ``zsqfast`` executable pip installed next to this interpreter (the README's command)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "zsqfast")
+    if not os.path.exists(exe):
+        pytest.skip(f"no console script at {exe} (zsqfast not pip-installed into this interpreter's prefix)")
+    r = subprocess.run([exe, "demo", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage: zsqfast demo" in r.stdout
+
+
+def test_interrupt_exits_130_and_says_resume(files, monkeypatch, capsys):
+    from zsqfast import pipeline
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "synthesize", interrupted)
+    assert _run("quantize", "--model", "cifar_resnet8", "--checkpoint", files / "r8.pth", "--w-bits", 4,
+                "--a-bits", 4, "--out", files / "interrupted", *TINY) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
+
+
+def test_quantize_then_eval_and_resume(files, quantized, capsys, monkeypatch):
     for name in ("manifest.json", "model.pt", "rtn.pt", "synthetic/index.json", "finetune/log.jsonl"):
         assert (quantized / name).exists(), name
     capsys.readouterr()
@@ -65,6 +85,10 @@ def test_quantize_then_eval_and_resume(files, quantized, capsys):
                 files / "folder") == 0
     assert "on 4 images" in capsys.readouterr().out
     # rerunning the same command resumes (everything is done: nothing recomputed, same exit code)
+    from zsqfast import pipeline
+
+    for name in ("synthesize", "calibrate", "finetune"):
+        monkeypatch.setattr(pipeline, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran again"))
     assert _run("quantize", "--model", "cifar_resnet8", "--checkpoint", files / "r8.pth", "--w-bits", 4,
                 "--a-bits", 4, "--out", quantized, "--eval-data", files / "eval.npz", *TINY) == 0
 

@@ -97,6 +97,8 @@ def test_resume_after_interruption(tmp_path, monkeypatch, reference, stage):
     with monkeypatch.context() as m:
         if "synthesize" in done:
             m.setattr(pipeline, "synthesize", lambda *a, **k: pytest.fail("synthesis ran again"))
+        if "quantize" in done:
+            m.setattr(pipeline, "calibrate", lambda *a, **k: pytest.fail("calibration ran again"))
         if "finetune" in done:
             m.setattr(pipeline, "finetune", lambda *a, **k: pytest.fail("fine-tuning ran again"))
         if stage == "finetune":  # resumed from the epoch-1 checkpoint, not from scratch
@@ -108,6 +110,19 @@ def test_resume_after_interruption(tmp_path, monkeypatch, reference, stage):
     assert list(json.loads((tmp_path / "manifest.json").read_text())["stages"]) == list(pipeline.STAGES)
     assert _same(torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"],
                  torch.load(ref_out / "model.pt", weights_only=True)["state_dict"])
+
+
+def test_finished_run_recomputes_nothing(monkeypatch, reference):
+    """Calling quantize() again on a finished ``out/`` loads every stage's artifact, export included."""
+    ref_out, ref = reference
+    for name in ("synthesize", "calibrate", "finetune", "convert_to_integer"):
+        monkeypatch.setattr(pipeline, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran again"))
+    res = _run(ref_out, export=True)
+    assert _same(res.model.state_dict(), ref.model.state_dict())
+    assert _same(res.rtn_model.state_dict(), ref.rtn_model.state_dict())
+    assert res.metrics == ref.metrics and res.history == ref.history
+    x = tiny_images(8, seed=9)[0]
+    assert torch.equal(res.integer_model(x), ref.integer_model(x))
 
 
 def _check_resumed(real, run_dir, *a, **k):

@@ -1,4 +1,5 @@
-"""Data-parallel fine-tuning: 2 CPU processes on gloo launched with torchrun (tests/_ddp_worker.py)."""
+"""The pipeline under torchrun: 2 CPU processes on gloo (tests/_ddp_worker.py; the zsqfast command line)."""
+import contextlib
 import os
 import socket
 import subprocess
@@ -15,14 +16,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_gloo(tmp_path):
+@contextlib.contextmanager
+def _threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _torchrun(out, *args):
+    """Run tests/_ddp_worker.py OUT ARGS... as 2 processes; the two ranks' results."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), os.path.join(HERE, "_ddp_worker.py"), str(tmp_path), "synq"]
+           "--master_port", str(_free_port()), os.path.join(HERE, "_ddp_worker.py"), str(out), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    a = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    b = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(2)]
+
+
+def test_torchrun_two_processes_gloo(tmp_path):
+    a, b = _torchrun(tmp_path, "synq")
     assert a["world"] == b["world"] == 2
     # each rank trained on its own half of the data: identical weights only if gradients were all-reduced
     assert a["state"].keys() == b["state"].keys()
@@ -34,3 +49,43 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert all(torch.equal(saved[k], a["state"][k]) for k in saved)
     assert (tmp_path / "finetune" / "log.jsonl").exists() and (tmp_path / "finetune_rank1" / "checkpoint.pt").exists()
     assert (tmp_path / "synthetic.pt").exists()  # the given set is kept with the run
+
+
+def test_torchrun_quantize_synthesizes_across_ranks(tmp_path):
+    """Without ``data=`` every rank takes its share of the synthesis batches; the set every rank then
+    fine-tunes on equals a one-process synthesize() with the same settings."""
+    import zsqfast
+
+    from ._tiny import SYNTH_BUDGET as SYNTH, tiny_model
+
+    a, b = _torchrun(tmp_path, "kd", "synthesize")
+    assert a["world"] == b["world"] == 2
+    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    with _threads(1):  # the workers' thread count: the same arithmetic
+        ref = zsqfast.synthesize(tiny_model(), SYNTH["num_images"], batch_size=SYNTH["synth_batch_size"],
+                                 iterations=SYNTH["synth_iterations"], seed=0, progress=False)
+    for r in (a, b):
+        assert torch.equal(r["synthetic"][0], ref.images) and torch.equal(r["synthetic"][1], ref.labels)
+    shards = sorted(p.name for p in (tmp_path / "synthetic").glob("shard_*.pt"))
+    assert len(shards) == 4, shards
+
+
+def test_torchrun_cli_synthesize_splits_batches(tmp_path):
+    """``torchrun -m zsqfast.cli synthesize``: the ranks share the batches; the set equals one process's."""
+    import zsqfast
+    from zsqfast.cli import main
+    from zsqfast.models import cifar_resnet
+
+    torch.manual_seed(0)
+    torch.save(cifar_resnet(8).state_dict(), tmp_path / "r8.pth")
+    args = ["synthesize", "--model", "cifar_resnet8", "--checkpoint", str(tmp_path / "r8.pth"), "--num-images", "32",
+            "--iterations", "2", "--batch-size", "8", "--quiet", "--out"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "zsqfast.cli", *args, str(tmp_path / "two")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert r.stdout.count("32 synthetic images") == 1  # rank 0 reports
+    with _threads(1):
+        assert main([*args, str(tmp_path / "one")]) == 0
+    two, one = (zsqfast.SyntheticDataset.load(tmp_path / d) for d in ("two", "one"))
+    assert torch.equal(two.images, one.images) and torch.equal(two.labels, one.labels)

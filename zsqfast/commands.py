@@ -145,15 +145,18 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_synthesize(args) -> int:
+    from . import distributed as zdist
     from . import synthesize
     from .models.loading import input_config
 
+    zdist.init_from_env()  # under torchrun the ranks split the batches (synthesize() does it)
     model = _model(args)
     ds = synthesize(model, args.num_images, method=args.method, batch_size=args.batch_size,
                     iterations=args.iterations, seed=args.seed, out=args.out, progress=not args.quiet,
                     input_shape=input_config(model)["input_size"])
-    print(f"{len(ds)} synthetic images in {args.out}/ (final losses {min(ds.meta['final_losses']):.4g}.."
-          f"{max(ds.meta['final_losses']):.4g})")
+    if zdist.rank() == 0:
+        print(f"{len(ds)} synthetic images in {args.out}/ (final losses {min(ds.meta['final_losses']):.4g}.."
+              f"{max(ds.meta['final_losses']):.4g})")
     return 0
 
 
@@ -233,7 +236,7 @@ def add_commands(sub) -> None:
     s.add_argument("--synth-method", choices=_synth_methods(), default="auto",
                    help="auto (default): hast for a model with BatchNorm, psaq-vit for a vision transformer")
     s.add_argument("--data", default=None, help="reuse this synthetic set (a 'zsqfast synthesize' --out directory)")
-    s.add_argument("--export", action="store_true", help="also write the integer model (integer_model.pt)")
+    s.add_argument("--export", action="store_true", help="also write the integer model (integer_model.safetensors)")
     _eval_args(s)
     _out_arg(s, "output directory (artifacts, manifest; an existing run there is resumed)")
     s.set_defaults(fn=cmd_quantize)

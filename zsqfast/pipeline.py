@@ -20,8 +20,10 @@ written). Another configuration in the same ``out/`` raises ValueError saying wh
 Determinism: synthetic batch b depends on (seed, b) only, fine-tuning epoch e on (seed, e) only, so a run
 resumed at any point gives the same model as an uninterrupted one (same machine and thread count).
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) fine-tuning runs data-parallel (:mod:`zsqfast.distributed`); the
-other stages run on rank 0 while the other ranks wait, then every rank reads rank 0's artifacts.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) synthesis splits its batches over the ranks (each writes its shards,
+rank 0 merges the index, every rank gets the whole set) and fine-tuning runs data-parallel
+(:mod:`zsqfast.distributed`); calibration and export give the same result on every rank and rank 0 writes
+them.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from .convert import convert_to_integer
 from .finetune import finetune
 from .finetune.trainer import DEFAULTS as FINETUNE_DEFAULTS
 from .finetune.trainer import evaluate
-from .integer_io import save_integer_model
+from .integer_io import load_integer_model, save_integer_model
 from .nn.quant_layers import resolve_bits
 from .quantize_model import calibrate, quantize_model
 from .synthesis import SyntheticDataset, synthesize
@@ -231,16 +233,16 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
         curve_data = eval_data
     metrics: dict = {}
 
-    # 1. synthesize (rank 0; resumable per batch inside synthesize())
+    # 1. synthesize (resumable per batch inside synthesize(); under torchrun every rank takes its share of
+    #    the batches and gets the whole set back)
     if dataset is None:
         synth_dir = out / "synthetic" if out is not None else None
         if not man.done("synthesize"):
             t0 = time.perf_counter()
             _log(f"synthesize: {num_images} images x {synth_iterations} iterations ({synth_method})", progress)
-            if zdist.rank() == 0:
-                dataset = synthesize(fp, num_images, method=synth_method, batch_size=synth_batch_size,
-                                     iterations=synth_iterations, seed=seed, out=synth_dir, progress=progress,
-                                     **(synth_options or {}))
+            dataset = synthesize(fp, num_images, method=synth_method, batch_size=synth_batch_size,
+                                 iterations=synth_iterations, seed=seed, out=synth_dir, progress=progress,
+                                 **(synth_options or {}))
             zdist.barrier()
             man.finish("synthesize", time.perf_counter() - t0, artifact="synthetic")
         if dataset is None:
@@ -288,7 +290,9 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     metrics.update(man.metrics("finetune"))
     # 4. export
     integer_model = None
-    if export:
+    if export and man.done("export") and out is not None and (out / "integer_model.safetensors").exists():
+        integer_model = load_integer_model(out / "integer_model.safetensors", copy.deepcopy(fp))
+    elif export:
         t0 = time.perf_counter()
         integer_model = convert_to_integer(copy.deepcopy(qmodel).eval(), dataset.images[:1])
         if out is not None and zdist.rank() == 0:
