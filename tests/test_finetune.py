@@ -86,8 +86,39 @@ def test_teacher_requires_grad_flags_are_restored():
     assert [p.requires_grad for p in fp.parameters()] == flags
 
 
+@pytest.mark.parametrize("act_ste", ["clipped", "identity"])
+def test_activation_ste_while_training(act_ste):
+    """The gradient a QuantAct passes back during fine-tuning: zero where its input fell outside the frozen
+    range with the clipped STE (default), unchanged with the official identity; each QuantAct's own setting
+    comes back afterwards."""
+    from zsqfast.nn import QuantAct
+
+    fp, q, images, labels = _models()
+    act = next(m for m in q.modules() if isinstance(m, QuantAct))
+    seen = {}
+
+    def fwd(m, args, out):  # clipped where the value moved by more than half a step (rounding moves less)
+        err = (args[0] - out).abs() / m.qparams()[0]
+        seen["outside"], seen["inside"], seen["ste"] = err > 0.5001, err < 0.4999, m.ste
+
+    def bwd(m, grad_in, grad_out):
+        outside, inside = seen["outside"], seen["inside"]
+        seen["n_outside"] = seen.get("n_outside", 0) + int(outside.sum())
+        if act_ste == "clipped":
+            assert torch.all(grad_in[0][outside] == 0) and torch.equal(grad_in[0][inside], grad_out[0][inside])
+        else:
+            assert torch.equal(grad_in[0], grad_out[0])
+    h1, h2 = act.register_forward_hook(fwd), act.register_full_backward_hook(bwd)
+    zsqfast.finetune(fp, q, (images, labels), method="kd", epochs=1, batch_size=8, progress=False, act_ste=act_ste)
+    h1.remove(), h2.remove()
+    assert seen["ste"] == act_ste and seen["n_outside"] > 0  # the clipped positions were exercised
+    assert all(m.ste == "identity" for m in q.modules() if isinstance(m, QuantAct))  # quantize_model's default
+
+
 def test_bad_options():
     fp, q, images, labels = _models()
+    with pytest.raises(ValueError, match="act_ste"):
+        zsqfast.finetune(fp, q, (images, labels), act_ste="pact")
     with pytest.raises(ValueError, match="method"):
         zsqfast.finetune(fp, q, (images, labels), method="hast")
     with pytest.raises(ValueError, match="unknown"):
