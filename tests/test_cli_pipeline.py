@@ -64,6 +64,22 @@ def test_console_script_installed():
     assert r.returncode == 0 and "usage: zsqfast demo" in r.stdout
 
 
+@pytest.mark.parametrize("argv, script, extra", [
+    (["bench", "--quick"], "bench_fake_quant.py", ["--quick"]),
+    (["bench", "--which", "finetune"], "bench_finetune.py", []),
+    (["bench", "--which", "accuracy_cifar10", "--quick"], "accuracy_cifar10.py", ["--budget", "tiny"]),
+])
+def test_bench_runs_the_script_and_returns_its_exit_code(monkeypatch, argv, script, extra):
+    import zsqfast.cli as cli
+
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 3)
+    assert main(argv) == 3  # the script's exit status, passed through
+    (cmd,) = calls
+    assert cmd[0] == sys.executable and os.path.basename(cmd[1]) == script and os.path.exists(cmd[1])
+    assert cmd[2:] == extra
+
+
 def test_interrupt_exits_130_and_says_resume(files, monkeypatch, capsys):
     from zsqfast import pipeline
 
