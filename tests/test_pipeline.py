@@ -1,4 +1,5 @@
 """zsqfast.quantize(): stages, artifacts, determinism, resume after an interruption in each stage, bad input."""
+import contextlib
 import json
 
 import pytest
@@ -157,3 +158,25 @@ def test_bad_inputs(tmp_path, monkeypatch, reference):
         other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 4))
         zsqfast.load_quantized(ref_out / "model.pt", other.eval())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "torchvision:resnet18"])
+def test_quantize_timm_and_torchvision_cnns(tmp_path, name):
+    """The whole pipeline, export included, on timm's and torchvision's ResNet-18 (torchvision reuses one ReLU
+    module per block: its shared QuantAct is calibrated on all call sites), at 32x32 to stay small."""
+    from zsqfast.models import build
+
+    torch.manual_seed(0)
+    fp = build(name, num_classes=4).eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    shared = name.startswith("torchvision:")  # told, once, that its shared ReLUs share one range
+    with pytest.warns(UserWarning, match="shares one range") if shared else contextlib.nullcontext():
+        res = zsqfast.quantize(fp, 4, 4, method="synq", num_images=8, synth_iterations=2, synth_batch_size=8,
+                               epochs=1, batch_size=8, out=tmp_path, export=True, progress=False,
+                               synth_options=dict(input_shape=(3, 32, 32)), eval_data=(x, fp(x).argmax(1)),
+                               finetune_options=dict(lr=1e-4, calib_batches=1))
+    assert set(json.loads((tmp_path / "manifest.json").read_text())["stages"]) == set(pipeline.STAGES)
+    assert 0.0 <= res.metrics["final_accuracy"] <= 100.0
+    with torch.no_grad():
+        agree = (res.integer_model(x).argmax(1) == res.model(x).argmax(1)).float().mean()
+    assert agree >= 0.75  # the integer model computes the fake-quant model's function
