@@ -47,7 +47,7 @@ import zsqfast  # noqa: E402
 from _timing import bench, bench_interleaved, cli, keep_freed_memory  # noqa: E402
 from zsqfast.finetune.gradcam import default_layer, reference_gradcam  # noqa: E402
 from zsqfast.finetune.losses import kd_loss, selective_ce  # noqa: E402
-from zsqfast.finetune.trainer import DEFAULTS, step_losses  # noqa: E402
+from zsqfast.finetune.trainer import DEFAULTS, activation_ste, step_losses  # noqa: E402
 from zsqfast.models import build  # noqa: E402
 
 try:
@@ -175,12 +175,14 @@ def model_rows(name: str, batch: int, size: int) -> list[dict]:
     def train_step(method):
         def step():
             xin = zsqfast.gaussian_lowpass(x, opts["d0"]) if method == "synq" else x
-            loss = step_losses(method, fp, q, xin, y, opts)["loss"]
-            opt.zero_grad()
-            loss.backward()
+            with activation_ste(q, opts["act_ste"]):  # as finetune() trains (clipped STE by default)
+                loss = step_losses(method, fp, q, xin, y, opts)["loss"]
+                opt.zero_grad()
+                loss.backward()
             opt.step()
         return step
 
+    @activation_ste(q, "identity")  # the official codes' STE
     def official_step():
         xin = torch.nan_to_num(zsqfast.gaussian_lowpass(x, opts["d0"], method="fft"))
         with torch.no_grad():
