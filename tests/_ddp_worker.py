@@ -1,7 +1,8 @@
 """Run by tests/test_pipeline_ddp.py under ``python -m torch.distributed.run --nproc_per_node 2``: the
 pipeline data-parallel on gloo, on a tiny BN-CNN: ``data="given"`` fine-tunes a tiny fixed "synthetic" set,
 ``data="synthesize"`` runs the whole pipeline, the ranks splitting the synthesis batches.
-Writes ``<out>/rank<r>.pt``: the final state_dict, the rank-0 history and the synthetic set the rank used."""
+Writes ``<out>/rank<r>.pt``: the final state_dict, the rank-0 history and the set quantize() handed this
+rank's fine-tuning."""
 import sys
 
 import torch
@@ -18,12 +19,18 @@ def main(out: str, method: str, data: str = "given") -> None:
     fp = tiny_model()
     images, labels = tiny_images(32)
     kw = dict(data=(images, labels)) if data == "given" else dict(SYNTH_BUDGET)
+    used = {}
+    real_ddp = zdist.finetune_ddp
+
+    def spy(fp_model, q_model, dataset, **k):  # the set this rank's fine-tuning gets from quantize()
+        used["synthetic"] = (dataset.images.clone(), dataset.labels.clone())
+        return real_ddp(fp_model, q_model, dataset, **k)
+    zdist.finetune_ddp = spy
     res = zsqfast.quantize(fp, 4, 4, method=method, epochs=3, batch_size=8, out=out,
                            eval_data=(images[:8], labels[:8]), progress=False,
                            finetune_options=dict(lr=1e-3, calib_batches=1), **kw)
-    synth = zsqfast.SyntheticDataset.load(f"{out}/synthetic") if data != "given" else None
     torch.save({"state": res.model.state_dict(), "rtn": res.rtn_model.state_dict(), "history": res.history,
-                "world": zdist.world_size(), "synthetic": None if synth is None else (synth.images, synth.labels)},
+                "world": zdist.world_size(), "synthetic": used["synthetic"]},
                f"{out}/rank{zdist.rank()}.pt")
     zdist.barrier()
 

@@ -114,8 +114,11 @@ def test_synthesize_then_finetune(files, capsys):
                 "--iterations", 2, "--batch-size", 16, "--out", files / "syn", "--quiet") == 0
     assert _run("finetune", "--model", "cifar_resnet8", "--checkpoint", files / "r8.pth", "--data", files / "syn",
                 "--w-bits", 3, "--a-bits", 3, "--method", "kd", "--epochs", 1, "--batch-size", 16,
-                "--calib-batches", 1, "--out", files / "ft", "--quiet") == 0
+                "--calib-batches", 1, "--act-ste", "identity", "--out", files / "ft", "--quiet") == 0
     assert (files / "ft" / "model.pt").exists() and not (files / "ft" / "synthetic").exists()
+    import json
+
+    assert json.loads((files / "ft" / "manifest.json").read_text())["config"]["act_ste"] == "identity"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -60,6 +60,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     fp, q_a, images, labels = _models()
     zsqfast.finetune(fp, q_a, (images, labels), out=tmp_path, stop_after=1, **kw)  # "interrupted"
     fp, q_b, images, labels = _models()  # a fresh process would rebuild the model, then resume
+    with pytest.raises(ValueError, match="different run"):  # not under another STE
+        zsqfast.finetune(fp, q_b, (images, labels), out=tmp_path, **dict(kw, act_ste="identity"))
     res = zsqfast.finetune(fp, q_b, (images, labels), out=tmp_path, **kw)
     assert [e["epoch"] for e in res["epochs"]] == [1, 2, 3]
     for (k, v1), v2 in zip(q_full.state_dict().items(), q_b.state_dict().values()):

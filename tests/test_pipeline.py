@@ -154,6 +154,10 @@ def test_bad_inputs(tmp_path, monkeypatch, reference):
     ref_out, _ = reference
     with pytest.raises(ValueError, match="different quantization run.*w_bits"):
         zsqfast.quantize(m, 3, 3, out=ref_out, **{k: v for k, v in BUDGET.items()})
+    with pytest.raises(ValueError, match="different quantization run.*act_ste: stored 'clipped', requested "
+                                         "'identity'"):
+        zsqfast.quantize(m, 4, 4, out=ref_out, **dict(BUDGET, finetune_options=dict(
+            BUDGET["finetune_options"], act_ste="identity")))
     with pytest.raises(ValueError, match="does not fit"):
         other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 4))

@@ -58,6 +58,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-batches", type=int, default=None, help="synthetic batches that set the ranges (4)")
     p.add_argument("--calib-method", choices=("mse", "minmax"), default=None,
                    help="activation ranges: least-error clipping (mse, default) or the official min/max EMA")
+    p.add_argument("--act-ste", choices=("clipped", "identity"), default=None,
+                   help="activation gradient while training: zero outside the range (clipped, default) or the "
+                        "official codes' identity")
 
 
 def _eval_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -107,7 +110,7 @@ def _eval_data(args, model):
 
 def _ft_options(args) -> dict:
     return {k: v for k, v in (("lr", args.lr), ("calib_batches", args.calib_batches),
-                              ("calib_method", args.calib_method)) if v is not None}
+                              ("calib_method", args.calib_method), ("act_ste", args.act_ste)) if v is not None}
 
 
 def _print_result(res, out: str) -> None:

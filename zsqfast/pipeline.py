@@ -21,9 +21,9 @@ Determinism: synthetic batch b depends on (seed, b) only, fine-tuning epoch e on
 resumed at any point gives the same model as an uninterrupted one (same machine and thread count).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) synthesis splits its batches over the ranks (each writes its shards,
-rank 0 merges the index, every rank gets the whole set) and fine-tuning runs data-parallel
-(:mod:`zsqfast.distributed`); calibration and export give the same result on every rank and rank 0 writes
-them.
+rank 0 merges the index, every rank gets the whole set; it runs on the model's device: the command line
+loads models on the CPU) and fine-tuning runs data-parallel (:mod:`zsqfast.distributed`); calibration,
+evaluation and export give the same result on every rank and rank 0 writes them.
 """
 from __future__ import annotations
 
@@ -215,6 +215,8 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     fp = model.eval()
     config = dict(w_bits=wb, a_bits=ab, first_last_bits=first_last_bits, method=method, seed=seed,
                   epochs=epochs, batch_size=batch_size, finetune_options=ft_opts, model=model_fingerprint(fp),
+                  # the resolved STE (its default changed once): a run of another one is not resumed with it
+                  act_ste=dict(FINETUNE_DEFAULTS, **ft_opts)["act_ste"],
                   **(extra_config or {}))
     if dataset is None:
         synth_method = resolve_method(fp, synth_method)
@@ -297,6 +299,7 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
         integer_model = convert_to_integer(copy.deepcopy(qmodel).eval(), dataset.images[:1])
         if out is not None and zdist.rank() == 0:
             save_integer_model(integer_model, out / "integer_model.safetensors")
+        zdist.barrier()
         man.finish("export", time.perf_counter() - t0, artifact="integer_model.safetensors")
     for stage in STAGES:
         if man.done(stage):

@@ -82,7 +82,8 @@ def quantize_model(model: nn.Module, w_bits: int | None, a_bits: int | None, *, 
         act_placement: ``"auto"``, ``"relu"`` or ``"linear_input"`` (module docstring).
         w_symmetric: signed symmetric weight grids instead of asymmetric min/max.
         act_momentum, ste: passed to every QuantAct (``ste`` only to activations: weights always use the
-            identity STE of the ZeroQ lineage).
+            identity STE of the ZeroQ lineage). :func:`zsqfast.finetune` sets every QuantAct to its own
+            ``act_ste`` (default ``"clipped"``) while it trains and restores this setting afterwards.
         skip: qualified module names (and everything under them) to leave float, e.g. layers this pass
             cannot handle.
     Returns:

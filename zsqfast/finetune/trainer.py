@@ -215,8 +215,11 @@ def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, see
     history, start = [], 0
     if ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if state["method"] != method or state["epochs"] != epochs or state["seed"] != seed:
-            raise ValueError(f"{ckpt} belongs to a different run (method/epochs/seed); use another out directory")
+        # checkpoints from before act_ste existed were trained with the identity STE
+        if (state["method"] != method or state["epochs"] != epochs or state["seed"] != seed
+                or state.get("act_ste", "identity") != opt["act_ste"]):
+            raise ValueError(f"{ckpt} belongs to a different run (method/epochs/seed/act_ste); use another out "
+                             "directory")
         q_model.load_state_dict(state["model"])
         sgd.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -274,7 +277,8 @@ def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, see
                 print(json.dumps(record), file=sys.stderr)
             if out is not None:
                 state = dict(model=q_model.state_dict(), optimizer=sgd.state_dict(), scheduler=sched.state_dict(),
-                             epoch=epoch + 1, history=history, method=method, epochs=epochs, seed=seed)
+                             epoch=epoch + 1, history=history, method=method, epochs=epochs, seed=seed,
+                             act_ste=opt["act_ste"])
                 atomic_write_bytes(ckpt, lambda f: torch.save(state, f))
                 atomic_write_bytes(out / "log.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))
     finally:
