@@ -35,5 +35,21 @@ def main(out: str, method: str, data: str = "given") -> None:
     zdist.barrier()
 
 
+def finetune_only(out: str, stop_after: str) -> None:
+    """finetune_ddp() alone, 3 epochs into ``<out>/ft`` (``stop_after``: epochs this call, or "all")."""
+    assert zdist.init_from_env(), "expected WORLD_SIZE > 1"
+    fp = tiny_model()
+    q = zsqfast.quantize_model(fp, 4, 4)
+    images, labels = tiny_images(32)
+    zdist.finetune_ddp(fp, q, (images, labels), method="kd", epochs=3, batch_size=8, out=f"{out}/ft",
+                       stop_after=None if stop_after == "all" else int(stop_after), lr=1e-3, calib_batches=1,
+                       progress=False)
+    torch.save({"state": q.state_dict()}, f"{out}/rank{zdist.rank()}.pt")
+    zdist.barrier()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[2] == "finetune-only":
+        finetune_only(sys.argv[1], sys.argv[3])
+    else:
+        main(*sys.argv[1:])

@@ -26,12 +26,12 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
-def _torchrun(out, *args):
+def _torchrun(out, *args, timeout=180):
     """Run tests/_ddp_worker.py OUT ARGS... as 2 processes; the two ranks' results."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), os.path.join(HERE, "_ddp_worker.py"), str(out), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(2)]
 
@@ -89,3 +89,20 @@ def test_torchrun_cli_synthesize_splits_batches(tmp_path):
         assert main([*args, str(tmp_path / "one")]) == 0
     two, one = (zsqfast.SyntheticDataset.load(tmp_path / d) for d in ("two", "one"))
     assert torch.equal(two.images, one.images) and torch.equal(two.labels, one.labels)
+
+
+def test_ddp_resume_when_one_rank_missed_the_last_checkpoint(tmp_path):
+    """Killed between the ranks' epoch-end writes, rank 1 is an epoch behind rank 0: on resume both go back
+    to the epoch they share (rank 0 from the previous checkpoint it kept) and end as an uninterrupted run."""
+    ref = _torchrun(tmp_path / "ref", "finetune-only", "all")
+    run = tmp_path / "run"
+    _torchrun(run, "finetune-only", "1")
+    _torchrun(run, "finetune-only", "1")  # both ranks at epoch 2, each keeping epoch 1 as the previous one
+    r1 = run / "ft_rank1"
+    (r1 / "checkpoint_prev.pt").replace(r1 / "checkpoint.pt")  # rank 1 "died" before writing epoch 2
+    assert torch.load(r1 / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(run / "ft" / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    res = _torchrun(run, "finetune-only", "all", timeout=120)  # before: the ranks' step counts differ -> hang
+    for a, b in zip(ref, res):
+        assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    assert torch.load(run / "ft" / "checkpoint.pt", weights_only=True)["epoch"] == 3

@@ -17,7 +17,9 @@ Launch any zsqfast entry point under torchrun, e.g.::
 * the activation ranges calibrated once, before wrapping, on the same first batches on every rank (so they
   are identical everywhere);
 * per-epoch evaluation and the log on rank 0 (``out``), the other ranks checkpointing in ``out_rank<r>``
-  so that every rank can resume an interrupted run.
+  so that every rank can resume an interrupted run; each rank also keeps its previous epoch's checkpoint,
+  and on resume all ranks agree on the newest epoch they all have (a run killed between the ranks' writes
+  would otherwise resume them at different epochs and hang).
 
 With CUDA, each process uses ``cuda:LOCAL_RANK`` and the data moves there (not run on a GPU here).
 """

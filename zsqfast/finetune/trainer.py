@@ -203,6 +203,34 @@ def activation_ste(model: nn.Module, ste: str):
             m.ste = own
 
 
+PREVIOUS = "checkpoint_prev.pt"  # under DDP: each rank's checkpoint of the epoch before its last
+
+
+def _resume_state(ckpt: Path, ddp: bool) -> dict | None:
+    """The checkpoint to resume from (None: start afresh). One process: ``ckpt`` if it exists. Under DDP every
+    rank must resume at the same epoch, but a run killed between the ranks' epoch-end writes leaves some
+    ranks one epoch ahead: all ranks take the smallest of their newest epochs, each from ``ckpt`` or the
+    previous one it kept (:data:`PREVIOUS`); a rank with neither makes every rank raise."""
+    states = {}
+    for path in (ckpt, ckpt.with_name(PREVIOUS)) if ddp else (ckpt,):
+        if path.exists():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            states[state["epoch"]] = state
+    if not ddp:
+        return next(iter(states.values()), None)
+    import torch.distributed as dist
+
+    agreed = torch.tensor([max(states, default=0)])
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    epoch = int(agreed)
+    ok = torch.tensor([int(epoch == 0 or epoch in states)])
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not int(ok):
+        raise ValueError(f"the ranks' fine-tuning checkpoints ({ckpt.parent}, ...) hold no common epoch (rank "
+                         f"{dist.get_rank()}: epochs {sorted(states)}, agreed {epoch}); use another out directory")
+    return states.get(epoch)
+
+
 def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, seed, eval_data, out, progress,
               stop_after, opt) -> dict:
     params = [p for p in q_model.parameters() if p.requires_grad]
@@ -212,9 +240,10 @@ def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, see
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(sgd, T_max=max(1, epochs * steps_per_epoch))
     out = Path(out) if out is not None else None
     ckpt = out / "checkpoint.pt" if out is not None else None
+    ddp = isinstance(q_model, nn.parallel.DistributedDataParallel)
     history, start = [], 0
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = _resume_state(ckpt, ddp) if ckpt is not None else None
+    if state is not None:
         # checkpoints from before act_ste existed were trained with the identity STE
         if (state["method"] != method or state["epochs"] != epochs or state["seed"] != seed
                 or state.get("act_ste", "identity") != opt["act_ste"]):
@@ -276,6 +305,8 @@ def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, see
             if progress:
                 print(json.dumps(record), file=sys.stderr)
             if out is not None:
+                if ddp and ckpt.exists():  # keep the last one: another rank may not get to write this epoch's
+                    ckpt.replace(ckpt.with_name(PREVIOUS))
                 state = dict(model=q_model.state_dict(), optimizer=sgd.state_dict(), scheduler=sched.state_dict(),
                              epoch=epoch + 1, history=history, method=method, epochs=epochs, seed=seed,
                              act_ste=opt["act_ste"])
