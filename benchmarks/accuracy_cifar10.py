@@ -15,8 +15,8 @@ Budgets (synthetic images, synthesis iterations, fine-tuning epochs); batch 256 
 fifth of the synthesis iterations. Sized from idle costs (2 threads, per batch of 256): a synthesis
 iteration ~0.37 s (ResNet-20) / ~1 s (ResNet-56, estimated), a fine-tuning step 0.4-0.7 s / ~1.2-2 s (ResNet-56
 estimated at 3x), an evaluation of 5,000 images ~3 / ~9 s: synthesis 2 x 200 x 1.4 s ~ 9 min, fine-tuning
-4 x 200 x (0.4..0.7 + 1.2..2) s ~ 21-36 min, plus the MSE range search and evaluations: ~35-50 min; not yet
-timed idle in one piece.
+4 x 200 x (0.4..0.7 + 1.2..2) s ~ 21-36 min, plus the MSE range search and evaluations: ~35-50 min. Timed
+idle in one piece on 2026-12-02 (2 threads): 1,942 s = 32 min.
 
 Everything is written under --out (resumable: rerun the same command after an interruption).
 Usage: python benchmarks/accuracy_cifar10.py --budget reduced [--models 20,56] [--bits 4,3]
