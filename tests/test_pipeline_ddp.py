@@ -1,7 +1,6 @@
 """The pipeline under torchrun: 2 CPU processes on gloo (tests/_ddp_worker.py; the zsqfast command line)."""
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,10 +9,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# --standalone: torchrun picks a free port itself (no bind-close-rebind race)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2"]
 
 
 @contextlib.contextmanager
@@ -28,8 +25,7 @@ def _threads(n: int):
 
 def _torchrun(out, *args, timeout=180):
     """Run tests/_ddp_worker.py OUT ARGS... as 2 processes; the two ranks' results."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), os.path.join(HERE, "_ddp_worker.py"), str(out), *args]
+    cmd = [*TORCHRUN, os.path.join(HERE, "_ddp_worker.py"), str(out), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -80,8 +76,7 @@ def test_torchrun_cli_synthesize_splits_batches(tmp_path):
     torch.save(cifar_resnet(8).state_dict(), tmp_path / "r8.pth")
     args = ["synthesize", "--model", "cifar_resnet8", "--checkpoint", str(tmp_path / "r8.pth"), "--num-images", "32",
             "--iterations", "2", "--batch-size", "8", "--quiet", "--out"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "zsqfast.cli", *args, str(tmp_path / "two")]
+    cmd = [*TORCHRUN, "-m", "zsqfast.cli", *args, str(tmp_path / "two")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert r.stdout.count("32 synthetic images") == 1  # rank 0 reports
