@@ -23,11 +23,14 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
-def _torchrun(out, *args, timeout=180):
-    """Run tests/_ddp_worker.py OUT ARGS... as 2 processes; the two ranks' results."""
+def _torchrun(out, *args, timeout=180, fails=False):
+    """Run tests/_ddp_worker.py OUT ARGS... as 2 processes; the two ranks' results (``fails``: its output)."""
     cmd = [*TORCHRUN, os.path.join(HERE, "_ddp_worker.py"), str(out), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if fails:
+        assert r.returncode != 0
+        return r.stdout + r.stderr
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(2)]
 
@@ -101,3 +104,8 @@ def test_ddp_resume_when_one_rank_missed_the_last_checkpoint(tmp_path):
     for a, b in zip(ref, res):
         assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
     assert torch.load(run / "ft" / "checkpoint.pt", weights_only=True)["epoch"] == 3
+    # one rank's checkpoint of another run (here: another seed): every rank raises, not that rank alone
+    state = torch.load(r1 / "checkpoint.pt", weights_only=True)
+    torch.save(dict(state, seed=state["seed"] + 1), r1 / "checkpoint.pt")
+    out = _torchrun(run, "finetune-only", "all", timeout=120, fails=True)
+    assert out.count("ValueError: ") >= 2 and "belongs to a different run" in out, out[-3000:]

@@ -243,12 +243,19 @@ def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, see
     ddp = isinstance(q_model, nn.parallel.DistributedDataParallel)
     history, start = [], 0
     state = _resume_state(ckpt, ddp) if ckpt is not None else None
+    # checkpoints from before act_ste existed were trained with the identity STE
+    other = state is not None and (state["method"] != method or state["epochs"] != epochs or state["seed"] != seed
+                                   or state.get("act_ste", "identity") != opt["act_ste"])
+    if ddp:  # every rank raises when one holds another run (none waits for it at a collective)
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(other)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        other = bool(flag)
+    if other:
+        raise ValueError(f"{ckpt} (or another rank's) belongs to a different run (method/epochs/seed/act_ste); use "
+                         "another out directory")
     if state is not None:
-        # checkpoints from before act_ste existed were trained with the identity STE
-        if (state["method"] != method or state["epochs"] != epochs or state["seed"] != seed
-                or state.get("act_ste", "identity") != opt["act_ste"]):
-            raise ValueError(f"{ckpt} belongs to a different run (method/epochs/seed/act_ste); use another out "
-                             "directory")
         q_model.load_state_dict(state["model"])
         sgd.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
