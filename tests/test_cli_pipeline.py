@@ -1,4 +1,5 @@
 """The pipeline subcommands of the ``zsqfast`` command line (in process, tiny budgets) and their errors."""
+import json
 import os
 import subprocess
 import sys
@@ -116,8 +117,6 @@ def test_synthesize_then_finetune(files, capsys):
                 "--w-bits", 3, "--a-bits", 3, "--method", "kd", "--epochs", 1, "--batch-size", 16,
                 "--calib-batches", 1, "--act-ste", "identity", "--out", files / "ft", "--quiet") == 0
     assert (files / "ft" / "model.pt").exists() and not (files / "ft" / "synthetic").exists()
-    import json
-
     assert json.loads((files / "ft" / "manifest.json").read_text())["config"]["act_ste"] == "identity"
 
 

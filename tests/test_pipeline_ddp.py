@@ -23,15 +23,22 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
-def _torchrun(out, *args, timeout=180, fails=False):
-    """Run tests/_ddp_worker.py OUT ARGS... as 2 processes; the two ranks' results (``fails``: its output)."""
-    cmd = [*TORCHRUN, os.path.join(HERE, "_ddp_worker.py"), str(out), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+def _launch(*target, timeout=180, fails=False) -> subprocess.CompletedProcess:
+    """torchrun 2 processes (1 thread each) of ``target`` (a script and its arguments, or -m module ...)."""
+    r = subprocess.run([*TORCHRUN, *map(str, target)], capture_output=True, text=True, timeout=timeout,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
     if fails:
         assert r.returncode != 0
+    else:
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return r
+
+
+def _torchrun(out, *args, timeout=180, fails=False):
+    """Run tests/_ddp_worker.py OUT ARGS... as 2 processes; the two ranks' results (``fails``: its output)."""
+    r = _launch(os.path.join(HERE, "_ddp_worker.py"), out, *args, timeout=timeout, fails=fails)
+    if fails:
         return r.stdout + r.stderr
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     return [torch.load(out / f"rank{i}.pt", weights_only=True) for i in range(2)]
 
 
@@ -79,9 +86,7 @@ def test_torchrun_cli_synthesize_splits_batches(tmp_path):
     torch.save(cifar_resnet(8).state_dict(), tmp_path / "r8.pth")
     args = ["synthesize", "--model", "cifar_resnet8", "--checkpoint", str(tmp_path / "r8.pth"), "--num-images", "32",
             "--iterations", "2", "--batch-size", "8", "--quiet", "--out"]
-    cmd = [*TORCHRUN, "-m", "zsqfast.cli", *args, str(tmp_path / "two")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    r = _launch("-m", "zsqfast.cli", *args, tmp_path / "two")
     assert r.stdout.count("32 synthetic images") == 1  # rank 0 reports
     with _threads(1):
         assert main([*args, str(tmp_path / "one")]) == 0

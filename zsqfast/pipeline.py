@@ -208,6 +208,7 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     unknown = set(ft_opts) - set(FINETUNE_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown fine-tuning options {sorted(unknown)}; known: {sorted(FINETUNE_DEFAULTS)}")
+    opt = dict(FINETUNE_DEFAULTS, **ft_opts)  # the resolved fine-tuning options
     out = Path(out) if out is not None else None
     if out is None and zdist.world_size() > 1:
         raise ValueError("under torchrun quantize() needs out=: the ranks share rank 0's artifacts through it")
@@ -216,7 +217,7 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     config = dict(w_bits=wb, a_bits=ab, first_last_bits=first_last_bits, method=method, seed=seed,
                   epochs=epochs, batch_size=batch_size, finetune_options=ft_opts, model=model_fingerprint(fp),
                   # the resolved STE (its default changed once): a run of another one is not resumed with it
-                  act_ste=dict(FINETUNE_DEFAULTS, **ft_opts)["act_ste"],
+                  act_ste=opt["act_ste"],
                   **(extra_config or {}))
     if dataset is None:
         synth_method = resolve_method(fp, synth_method)
@@ -250,7 +251,6 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
         if dataset is None:
             dataset = SyntheticDataset.load(synth_dir) if synth_dir is not None else None
     # 2. quantize_model + calibrate -> the zero-shot round-to-nearest model
-    opt = dict(FINETUNE_DEFAULTS, **ft_opts)
     if man.done("quantize") and out is not None:
         rtn, _ = load_quantized(out / "rtn.pt", fp)
     else:

@@ -44,6 +44,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -204,31 +205,38 @@ def activation_ste(model: nn.Module, ste: str):
 
 
 PREVIOUS = "checkpoint_prev.pt"  # under DDP: each rank's checkpoint of the epoch before its last
+OLD_RUN_KEYS = {"act_ste": "identity"}  # what checkpoints from before a key existed were trained with
 
 
-def _resume_state(ckpt: Path, ddp: bool) -> dict | None:
-    """The checkpoint to resume from (None: start afresh). One process: ``ckpt`` if it exists. Under DDP every
-    rank must resume at the same epoch, but a run killed between the ranks' epoch-end writes leaves some
-    ranks one epoch ahead: all ranks take the smallest of their newest epochs, each from ``ckpt`` or the
-    previous one it kept (:data:`PREVIOUS`); a rank with neither makes every rank raise."""
+def _resume_state(ckpt: Path, ddp: bool, run: dict) -> dict | None:
+    """The checkpoint to resume from (None: start afresh), checked to belong to ``run`` (its method, epochs,
+    seed, act_ste) or ValueError. One process: ``ckpt`` if it exists. Under DDP every rank must resume at the
+    same epoch, but a run killed between the ranks' epoch-end writes leaves some ranks one epoch ahead: all
+    ranks take the smallest of their newest epochs, each from ``ckpt`` or the previous one it kept
+    (:data:`PREVIOUS`); when one rank has no checkpoint of that epoch, or one of another run, every rank
+    raises (none is left waiting at a collective)."""
     states = {}
     for path in (ckpt, ckpt.with_name(PREVIOUS)) if ddp else (ckpt,):
         if path.exists():
             state = torch.load(path, map_location="cpu", weights_only=True)
             states[state["epoch"]] = state
-    if not ddp:
-        return next(iter(states.values()), None)
-    import torch.distributed as dist
-
-    agreed = torch.tensor([max(states, default=0)])
-    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-    epoch = int(agreed)
-    ok = torch.tensor([int(epoch == 0 or epoch in states)])
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not int(ok):
-        raise ValueError(f"the ranks' fine-tuning checkpoints ({ckpt.parent}, ...) hold no common epoch (rank "
-                         f"{dist.get_rank()}: epochs {sorted(states)}, agreed {epoch}); use another out directory")
-    return states.get(epoch)
+    epoch = max(states, default=0)
+    if ddp:
+        agreed = torch.tensor([epoch])
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        epoch = int(agreed)
+    state = states.get(epoch)
+    flags = torch.tensor([int(epoch != 0 and state is None),  # no checkpoint of the agreed epoch
+                          int(state is not None and any(state.get(k, OLD_RUN_KEYS.get(k)) != v for k, v in run.items()))])
+    if ddp:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[0]:
+        raise ValueError(f"the ranks' fine-tuning checkpoints ({ckpt.parent}, ...) hold no common epoch (this rank: "
+                         f"epochs {sorted(states)}, agreed {epoch}); use another out directory")
+    if flags[1]:
+        raise ValueError(f"{ckpt} (or another rank's) belongs to a different run "
+                         f"({'/'.join(run)}); use another out directory")
+    return state
 
 
 def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, seed, eval_data, out, progress,
@@ -242,19 +250,8 @@ def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, see
     ckpt = out / "checkpoint.pt" if out is not None else None
     ddp = isinstance(q_model, nn.parallel.DistributedDataParallel)
     history, start = [], 0
-    state = _resume_state(ckpt, ddp) if ckpt is not None else None
-    # checkpoints from before act_ste existed were trained with the identity STE
-    other = state is not None and (state["method"] != method or state["epochs"] != epochs or state["seed"] != seed
-                                   or state.get("act_ste", "identity") != opt["act_ste"])
-    if ddp:  # every rank raises when one holds another run (none waits for it at a collective)
-        import torch.distributed as dist
-
-        flag = torch.tensor([int(other)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        other = bool(flag)
-    if other:
-        raise ValueError(f"{ckpt} (or another rank's) belongs to a different run (method/epochs/seed/act_ste); use "
-                         "another out directory")
+    run = dict(method=method, epochs=epochs, seed=seed, act_ste=opt["act_ste"])  # what a checkpoint must match
+    state = _resume_state(ckpt, ddp, run) if ckpt is not None else None
     if state is not None:
         q_model.load_state_dict(state["model"])
         sgd.load_state_dict(state["optimizer"])
@@ -315,8 +312,7 @@ def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, see
                 if ddp and ckpt.exists():  # keep the last one: another rank may not get to write this epoch's
                     ckpt.replace(ckpt.with_name(PREVIOUS))
                 state = dict(model=q_model.state_dict(), optimizer=sgd.state_dict(), scheduler=sched.state_dict(),
-                             epoch=epoch + 1, history=history, method=method, epochs=epochs, seed=seed,
-                             act_ste=opt["act_ste"])
+                             epoch=epoch + 1, history=history, **run)
                 atomic_write_bytes(ckpt, lambda f: torch.save(state, f))
                 atomic_write_bytes(out / "log.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))
     finally:
