@@ -8,6 +8,7 @@ from zsqfast.ops import fake_quantize as fq_mod
 from zsqfast.ops import lsq as lsq_mod
 
 from ._shapes import awkward_inputs
+from ._threads import num_threads
 
 
 def _long_cases():
@@ -69,13 +70,10 @@ def test_lsq_step_gradient_independent_of_threads():
     g = torch.randn_like(x)
     if "cpp" not in zsqfast.available_backends():
         pytest.skip("the C++ extension is not loaded")
-    old = torch.get_num_threads()
     results = []
     for t in (1, 2):
-        torch.set_num_threads(t)
-        with zsqfast.use_backend("cpp"):
+        with num_threads(t), zsqfast.use_backend("cpp"):
             results.append(lsq_mod.lsq_fake_quant_backward(g, x, step, -8, 7, None, 1.0)[1])
-    torch.set_num_threads(old)
     assert torch.equal(results[0], results[1])
 
 

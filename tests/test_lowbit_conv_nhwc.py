@@ -9,6 +9,7 @@ import zsqfast
 from zsqfast.ops import lowbit_conv2d as CV
 
 from .conftest import cpu_backends
+from ._threads import num_threads
 from .test_lowbit_cpu import _pair, assert_bits_equal, both, weight
 
 pytestmark = pytest.mark.skipif("cpp" not in cpu_backends("lowbit_conv2d"), reason="the C++ extension is not loaded")
@@ -124,18 +125,13 @@ def test_threads_and_nan_on_the_implicit_path():
     x = torch.randn(4, 32, 14, 14, generator=g).contiguous(memory_format=torch.channels_last)
     args = (wp, sw, zw, cw, torch.tensor([0.1]), torch.tensor([7], dtype=torch.int32), 4, 4, [3, 3], [1, 1], [1, 1],
             [1, 1], 1)
-    old = torch.get_num_threads()
-    try:
-        outs = []
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            with zsqfast.use_backend("cpp"):
-                outs.append(CV.lowbit_conv2d_op(x, *args))
-        x[3, 31, 13, 13] = float("nan")  # the very last element of the last image
-        with zsqfast.use_backend("cpp"), pytest.raises(ValueError, match="NaN"):
-            CV.lowbit_conv2d_op(x, *args)
-    finally:
-        torch.set_num_threads(old)
+    outs = []
+    for t in (1, 2, 3):
+        with num_threads(t), zsqfast.use_backend("cpp"):
+            outs.append(CV.lowbit_conv2d_op(x, *args))
+    x[3, 31, 13, 13] = float("nan")  # the very last element of the last image
+    with num_threads(3), zsqfast.use_backend("cpp"), pytest.raises(ValueError, match="NaN"):
+        CV.lowbit_conv2d_op(x, *args)
     for o in outs[1:]:
         assert_bits_equal(o, outs[0])
 

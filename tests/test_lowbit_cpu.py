@@ -9,6 +9,7 @@ from zsqfast.ops import lowbit_gemm as G
 from zsqfast.ops.lowbit_pack import pack_lowbit
 
 from .conftest import cpu_backends
+from ._threads import num_threads
 
 pytestmark = pytest.mark.skipif("cpp" not in cpu_backends("lowbit_linear"), reason="the C++ extension is not loaded")
 
@@ -153,18 +154,13 @@ def test_thread_count_independence():
     x = torch.randn(50, 700, generator=g)
     xc = torch.randn(2, 16, 12, 12, generator=g)
     wc = weight(32, 144, 4, g)
-    old = torch.get_num_threads()
     out = []
-    try:
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            with zsqfast.use_backend("cpp"):
-                out.append((G.lowbit_linear_op(x, wp, sw, zw, cw, torch.tensor([0.1]), torch.tensor([8]), 4, 4, 700),
-                            G.lowbit_linear_op(x[:1], wp, sw, zw, cw, torch.tensor([0.1]), torch.tensor([8]), 4, 4, 700),
-                            CV.lowbit_conv2d_op(xc, wc[0], wc[1], wc[2], wc[3], torch.tensor([0.1]), torch.tensor([8]),
-                                                4, 4, [3, 3], [1, 1], [1, 1], [1, 1], 1)))
-    finally:
-        torch.set_num_threads(old)
+    for t in (1, 2, 3):
+        with num_threads(t), zsqfast.use_backend("cpp"):
+            out.append((G.lowbit_linear_op(x, wp, sw, zw, cw, torch.tensor([0.1]), torch.tensor([8]), 4, 4, 700),
+                        G.lowbit_linear_op(x[:1], wp, sw, zw, cw, torch.tensor([0.1]), torch.tensor([8]), 4, 4, 700),
+                        CV.lowbit_conv2d_op(xc, wc[0], wc[1], wc[2], wc[3], torch.tensor([0.1]), torch.tensor([8]),
+                                            4, 4, [3, 3], [1, 1], [1, 1], [1, 1], 1)))
     for o in out[1:]:
         for a, b in zip(o, out[0]):
             assert_bits_equal(a, b)

@@ -1,26 +1,17 @@
 """The pipeline under torchrun: 2 CPU processes on gloo (tests/_ddp_worker.py; the zsqfast command line)."""
-import contextlib
 import os
 import subprocess
 import sys
 
 import torch
 
+from ._threads import num_threads
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # --standalone: torchrun picks a free port itself (no bind-close-rebind race)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", "2"]
-
-
-@contextlib.contextmanager
-def _threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _launch(*target, timeout=180, fails=False) -> subprocess.CompletedProcess:
@@ -67,7 +58,7 @@ def test_torchrun_quantize_synthesizes_across_ranks(tmp_path):
     a, b = _torchrun(tmp_path, "kd", "synthesize")
     assert a["world"] == b["world"] == 2
     assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
-    with _threads(1):  # the workers' thread count: the same arithmetic
+    with num_threads(1):  # the workers' thread count: the same arithmetic
         ref = zsqfast.synthesize(tiny_model(), SYNTH["num_images"], batch_size=SYNTH["synth_batch_size"],
                                  iterations=SYNTH["synth_iterations"], seed=0, progress=False)
     for r in (a, b):
@@ -88,7 +79,7 @@ def test_torchrun_cli_synthesize_splits_batches(tmp_path):
             "--iterations", "2", "--batch-size", "8", "--quiet", "--out"]
     r = _launch("-m", "zsqfast.cli", *args, tmp_path / "two")
     assert r.stdout.count("32 synthetic images") == 1  # rank 0 reports
-    with _threads(1):
+    with num_threads(1):
         assert main([*args, str(tmp_path / "one")]) == 0
     two, one = (zsqfast.SyntheticDataset.load(tmp_path / d) for d in ("two", "one"))
     assert torch.equal(two.images, one.images) and torch.equal(two.labels, one.labels)

@@ -15,6 +15,7 @@ from zsqfast import pipeline
 from zsqfast.cli import main
 from zsqfast.finetune import trainer
 
+from ._threads import num_threads
 from .test_pipeline import Interrupt, _check_resumed, _interrupt, _same
 
 timm = pytest.importorskip("timm")
@@ -35,10 +36,8 @@ BUDGET = dict(num_images=8, synth_iterations=2, synth_batch_size=4, epochs=2, ba
 def one_thread():
     """These models are so small that OpenMP's second thread only costs time (x5-x10 when the 2 cores are
     shared with other jobs); the thread count is restored afterwards."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+    with num_threads(1):
+        yield
 
 
 def tiny(kind: str, size: int = 32) -> nn.Module:
