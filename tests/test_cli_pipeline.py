@@ -1,6 +1,7 @@
 """The pipeline subcommands of the ``zsqfast`` command line (in process, tiny budgets) and their errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -81,6 +82,15 @@ def test_bench_runs_the_script_and_returns_its_exit_code(monkeypatch, argv, scri
     assert cmd[2:] == extra
 
 
+@pytest.mark.parametrize("rc, code, message", [(-9, 1, "killed by signal 9 (SIGKILL"), (-2, 130, "interrupted")])
+def test_bench_killed_by_a_signal_exits_with_a_documented_code(monkeypatch, capsys, rc, code, message):
+    import zsqfast.cli as cli
+
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: rc)
+    assert main(["bench", "--which", "lowbit_gemm", "--quick"]) == code
+    assert message in capsys.readouterr().err
+
+
 def test_interrupt_exits_130_and_says_resume(files, monkeypatch, capsys):
     from zsqfast import pipeline
 
@@ -139,6 +149,12 @@ def test_synthesize_then_finetune(files, capsys):
       "{d}/eval.npz"], "does not fit this model"),
     (["finetune", "--model", "cifar_resnet8", "--checkpoint", "{d}/r8.pth", "--data", "{d}", "--w-bits", "4",
       "--a-bits", "4", "--out", "{d}/y"], "no synthetic set"),
+    (["eval", "--quantized", "{d}/eval.npz", "--eval-data", "{d}/eval.npz"], "is not a readable model file"),
+    (["eval", "--model", "cifar_resnet8", "--checkpoint", "{d}/r8.pth", "--quantized", "{d}/eval.npz",
+      "--eval-data", "{d}/eval.npz"], "is not a readable model file"),
+    (["export", "--quantized", "{d}/run", "--out", "{d}"], "is a directory"),
+    (["quantize", "--model", "cifar_resnet8", "--checkpoint", "{d}/r8.pth", "--w-bits", "4", "--a-bits", "4",
+      "--synth-batch-size", "0", "--out", "{d}/z"], "synth_batch_size must be an integer >= 1"),
 ])
 def test_bad_input_exit_2_with_advice(files, quantized, capsys, argv, message):
     assert main([a.format(d=files) for a in argv]) == 2
@@ -147,7 +163,8 @@ def test_bad_input_exit_2_with_advice(files, quantized, capsys, argv, message):
 
 def test_usage_errors_exit_2(capsys):
     for argv in (["quantize"], ["quantize", "--model", "m", "--w-bits", "four", "--a-bits", "4", "--out", "o"],
-                 ["eval", "--model", "x"], ["frobnicate"]):
+                 ["eval", "--model", "x"], ["frobnicate"], ["eval", "--model", "x", "--eval-data", "e.npz",
+                                                            "--eval-n", "-5"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2
@@ -171,6 +188,35 @@ def test_export_writes_a_loadable_integer_model(files, quantized):
     im = zsqfast.load_integer_model(files / "int.safetensors", lambda: cifar_resnet(8))
     y = im(torch.randn(2, 3, 32, 32))
     assert y.shape == (2, 10) and bool(torch.isfinite(y).all())
+
+
+def test_export_creates_the_parent_directory(files, quantized):
+    out = files / "new" / "dir" / "int.safetensors"
+    assert _run("export", "--quantized", quantized, "--out", out) == 0
+    assert out.exists() and os.listdir(out.parent) == ["int.safetensors"]  # no temp file left
+
+
+def test_unfinished_run_is_evaluated_as_round_to_nearest(files, quantized, capsys):
+    """A quantize directory without model.pt (fine-tuning unfinished) is its rtn.pt, labelled and said so."""
+    d = files / "unfinished"
+    shutil.copytree(quantized, d)
+    (d / "model.pt").unlink()
+    capsys.readouterr()
+    assert _run("eval", "--quantized", d, "--eval-data", files / "eval.npz") == 0
+    captured = capsys.readouterr()
+    assert "W4A4 (round-to-nearest): top-1" in captured.out and "using rtn.pt" in captured.err
+    assert _run("export", "--quantized", d, "--out", files / "rtn_int.safetensors") == 0
+    assert "W4A4 (round-to-nearest)" in capsys.readouterr().out
+
+
+def test_explicit_default_options_resume_the_run(files, quantized, monkeypatch):
+    from zsqfast import pipeline
+
+    for name in ("synthesize", "calibrate", "finetune"):
+        monkeypatch.setattr(pipeline, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran again"))
+    assert _run("quantize", "--model", "cifar_resnet8", "--checkpoint", files / "r8.pth", "--w-bits", 4,
+                "--a-bits", 4, "--out", quantized, "--eval-data", files / "eval.npz", *TINY, "--lr", "1e-5",
+                "--calib-method", "mse", "--act-ste", "clipped", "--first-last-bits", 4) == 0
 
 
 def test_data_dir_env_is_respected(monkeypatch, capsys):

@@ -1,9 +1,12 @@
 """zsqfast.quantize(): stages, artifacts, determinism, resume after an interruption in each stage, bad input."""
 import contextlib
 import json
+import os
+import shutil
 
 import pytest
 import torch
+import torch.nn as nn
 
 import zsqfast
 from zsqfast import pipeline
@@ -152,8 +155,12 @@ def test_bad_inputs(tmp_path, monkeypatch, reference):
     with pytest.raises(ValueError, match="unknown fine-tuning options"):
         zsqfast.quantize(m, 4, 4, finetune_options={"learning_rate": 1})
     ref_out, _ = reference
-    with pytest.raises(ValueError, match="different quantization run.*w_bits"):
+    with pytest.raises(ValueError, match="different quantization run.*w_bits.*its synthetic set can be reused: "
+                                         "pass data=.*synthetic"):
         zsqfast.quantize(m, 3, 3, out=ref_out, **{k: v for k, v in BUDGET.items()})
+    with pytest.raises(ValueError, match="different quantization run.*num_images") as e:  # synthesis differs
+        zsqfast.quantize(m, 4, 4, out=ref_out, **dict(BUDGET, num_images=48))
+    assert "can be reused" not in str(e.value)
     with pytest.raises(ValueError, match="different quantization run.*act_ste: stored 'clipped', requested "
                                          "'identity'"):
         zsqfast.quantize(m, 4, 4, out=ref_out, **dict(BUDGET, finetune_options=dict(
@@ -162,6 +169,96 @@ def test_bad_inputs(tmp_path, monkeypatch, reference):
         other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                     torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 4))
         zsqfast.load_quantized(ref_out / "model.pt", other.eval())
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(synth_batch_size=0), "synth_batch_size must be an integer >= 1"),
+    (dict(epochs=1.5), "epochs must be an integer >= 0"),
+    (dict(num_images=0), "num_images must be an integer >= 1"),
+    (dict(finetune_options=dict(calib_batches=0)), "calib_batches must be an integer >= 1"),
+    (dict(finetune_options=dict(lr=float("nan"))), "lr must be a finite number > 0"),
+    (dict(finetune_options=dict(lr=0.0)), "lr must be a finite number > 0"),
+    (dict(finetune_options=dict(weight_decay=-1e-4)), "weight_decay must be a finite number >= 0"),
+    (dict(finetune_options=dict(calib_method="max")), "calib_method must be one of"),
+])
+def test_bad_arguments_fail_before_out_is_written(tmp_path, monkeypatch, kw, match):
+    monkeypatch.setattr(pipeline, "synthesize", lambda *a, **k: pytest.fail("synthesis ran"))
+    with pytest.raises(ValueError, match=match):
+        zsqfast.quantize(tiny_model(), 4, 4, out=tmp_path / "run", **dict(BUDGET, **kw))
+    assert not (tmp_path / "run").exists()
+
+
+class _WithConv1d(nn.Module):
+    """A BatchNorm CNN (so synthesis would accept it) holding a layer quantize_model refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.extra = tiny_model(), nn.Conv1d(1, 1, 1)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_unsupported_layer_fails_before_synthesis(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "synthesize", lambda *a, **k: pytest.fail("synthesis ran"))
+    with pytest.raises(ValueError, match="cannot quantize these layers: extra .Conv1d"):
+        zsqfast.quantize(_WithConv1d().eval(), 4, 4, out=tmp_path / "run", **BUDGET)
+    assert not (tmp_path / "run").exists()
+
+
+def _no_recompute(monkeypatch, *names):
+    for name in names:
+        monkeypatch.setattr(pipeline, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran again"))
+
+
+def test_defaults_given_explicitly_are_the_same_run(monkeypatch, reference):
+    """Options given at their default values (and first_last_bits = w_bits) resume the run stored without them."""
+    ref_out, ref = reference
+    _no_recompute(monkeypatch, "synthesize", "calibrate", "finetune", "convert_to_integer")
+    opts = dict(BUDGET["finetune_options"], calib_method="mse", act_ste="clipped", momentum=0.9)
+    res = zsqfast.quantize(tiny_model(), 4, 4, out=ref_out, eval_data=tiny_images(16, seed=5), export=True,
+                           first_last_bits=4, **dict(BUDGET, finetune_options=opts))
+    assert _same(res.model.state_dict(), ref.model.state_dict()) and res.metrics == ref.metrics
+
+
+def test_accuracies_follow_the_eval_data_of_the_call(tmp_path, monkeypatch, reference):
+    """A finished run called with other evaluation data (or none) measures again, it never reports the stored
+    figures of other data; the stages themselves are not re-run."""
+    from zsqfast.finetune.trainer import evaluate
+
+    ref_out, ref = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    _no_recompute(monkeypatch, "synthesize", "calibrate", "finetune")
+    other = tiny_images(24, seed=11)
+    res = zsqfast.quantize(tiny_model(), 4, 4, out=out, eval_data=other, **BUDGET)
+    assert res.metrics["fp32_accuracy"] == evaluate(tiny_model(), *other)
+    assert res.metrics["rtn_accuracy"] == evaluate(ref.rtn_model, *other)
+    assert res.metrics["final_accuracy"] == evaluate(ref.model, *other)
+    res = zsqfast.quantize(tiny_model(), 4, 4, out=out, **BUDGET)
+    assert not {"fp32_accuracy", "rtn_accuracy", "final_accuracy"} & set(res.metrics)
+    res = _run(out)  # the reference's data again: its figures again
+    assert {k: v for k, v in res.metrics.items() if k.endswith("accuracy")} == \
+        {k: v for k, v in ref.metrics.items() if k.endswith("accuracy")}
+
+
+def test_deleted_artifact_is_made_again(tmp_path, monkeypatch, reference):
+    ref_out, ref = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out)
+    (out / "rtn.pt").unlink()
+    _no_recompute(monkeypatch, "synthesize", "finetune")
+    res = _run(out)
+    assert (out / "rtn.pt").exists() and _same(res.rtn_model.state_dict(), ref.rtn_model.state_dict())
+    assert _same(res.model.state_dict(), ref.model.state_dict())
+
+
+def test_artifacts_have_ordinary_permissions(reference):
+    ref_out, _ = reference
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("manifest.json", "rtn.pt", "model.pt", "integer_model.safetensors", "synthetic/index.json"):
+        assert (ref_out / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
 
 
 @pytest.mark.parametrize("name", ["resnet18", "torchvision:resnet18"])

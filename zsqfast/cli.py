@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+
+
+BENCHMARKS = ("fake_quant", "lowbit_gemm", "int_model", "synthesis", "finetune", "accuracy_cifar10")
 
 
 def _info(args) -> int:
@@ -42,8 +46,16 @@ def _bench(args) -> int:
         print(f"zsqfast bench: {script} not found (the benchmarks ship with the source checkout)", file=sys.stderr)
         return 2
     if args.which == "accuracy_cifar10":  # --quick: the script's tiny budget
-        return subprocess.call([sys.executable, script, "--budget", "tiny" if args.quick else "reduced"])
-    return subprocess.call([sys.executable, script] + (["--quick"] if args.quick else []))
+        rc = subprocess.call([sys.executable, script, "--budget", "tiny" if args.quick else "reduced"])
+    else:
+        rc = subprocess.call([sys.executable, script] + (["--quick"] if args.quick else []))
+    if rc < 0:  # killed by a signal: exit with the documented codes
+        if rc == -signal.SIGINT:
+            raise KeyboardInterrupt
+        print(f"zsqfast bench: {name} was killed by signal {-rc} ({signal.Signals(-rc).name}; "
+              "out of memory?)", file=sys.stderr)
+        return 1
+    return rc
 
 
 def _demo(args) -> int:
@@ -68,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_demo)
     s = sub.add_parser("bench", help="run a benchmark (default: fake quantization)")
     s.add_argument("--quick", action="store_true")
-    s.add_argument("--which", choices=("fake_quant", "synthesis", "finetune", "accuracy_cifar10"),
+    s.add_argument("--which", choices=BENCHMARKS,
                    default="fake_quant", help="benchmarks/bench_<which>.py, or accuracy_cifar10.py (--quick: tiny)")
     s.set_defaults(fn=_bench)
     from zsqfast.commands import add_commands

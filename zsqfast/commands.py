@@ -34,6 +34,16 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--model", required=required,
                    help="cifar_resnet20 | cifar_resnet56 | digits_cnn | a timm name | torchvision:<name>")
@@ -65,7 +75,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _eval_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--eval-data", required=required, default=None, help=".npz (images, labels) or image folder")
-    p.add_argument("--eval-n", type=int, default=None, help="use the first N evaluation images")
+    p.add_argument("--eval-n", type=_positive_int, default=None, help="use the first N evaluation images")
 
 
 def _out_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -163,44 +173,61 @@ def cmd_synthesize(args) -> int:
     return 0
 
 
-def _quantized(args):
-    """(float model, quantized model or None, config) from --model/--checkpoint and/or --quantized."""
-    from .pipeline import load_quantized
+def _quantized_path(arg: str | None) -> Path | None:
+    """The model file of ``--quantized``: the file itself, or a quantize directory's model.pt (fine-tuned), else
+    its rtn.pt (round-to-nearest: fine-tuning unfinished or ``--epochs 0``), said on stderr."""
+    if arg is None:
+        return None
+    path = Path(arg)
+    if path.is_dir():
+        if (path / "model.pt").exists():
+            return path / "model.pt"
+        path = path / "rtn.pt"
+        if path.exists():
+            print(f"note: {arg} has no model.pt (fine-tuning unfinished, or --epochs 0): using rtn.pt, the "
+                  "round-to-nearest model; rerun its quantize command to finish fine-tuning", file=sys.stderr)
+    if not path.exists():
+        raise FileNotFoundError(f"--quantized {arg}: no model.pt / rtn.pt there; pass the --out "
+                                "directory of 'zsqfast quantize' or its model.pt")
+    return path
 
-    path = args.quantized
-    if path is not None:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "model.pt" if (path / "model.pt").exists() else path / "rtn.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"--quantized {args.quantized}: no model.pt / rtn.pt there; pass the --out "
-                                    "directory of 'zsqfast quantize' or its model.pt")
+
+def _label(path: Path, config: dict) -> str:
+    """``W4A4 (synq)``, or ``W4A4 (round-to-nearest)`` for an rtn.pt."""
+    what = "round-to-nearest" if path.name == "rtn.pt" else config["method"]
+    return f"W{config['w_bits']}A{config['a_bits']} ({what})"
+
+
+def _quantized(args):
+    """(float model, quantized model or None, config, model file) from --model/--checkpoint and/or --quantized."""
+    from .pipeline import load_quantized, read_payload
+
+    path = _quantized_path(args.quantized)
     if args.model is None:
         if path is None:
             raise ValueError("pass --model (and --checkpoint), or --quantized DIR of a quantize run")
-        import torch
-
-        spec = torch.load(path, map_location="cpu", weights_only=True).get("config", {}).get("model_spec")
+        payload = read_payload(path)
+        spec = payload.get("config", {}).get("model_spec") if isinstance(payload, dict) else None
         if not spec:
             raise ValueError(f"{path} does not record its float model; pass --model (and --checkpoint)")
         args.model, args.checkpoint, args.num_classes = spec["name"], spec["checkpoint"], spec["num_classes"]
         args.model_kwargs = spec.get("model_kwargs")
     fp = _model(args)
     if path is None:
-        return fp, None, None
+        return fp, None, None, None
     q, config = load_quantized(path, fp)
-    return fp, q, config
+    return fp, q, config, path
 
 
 def cmd_eval(args) -> int:
     from .finetune.trainer import evaluate
 
-    fp, q, config = _quantized(args)
+    fp, q, config, path = _quantized(args)
     data = _eval_data(args, fp)
     if q is None:
         model, name = fp, f"{args.model} FP32"
     else:
-        model, name = q, f"{args.model} W{config['w_bits']}A{config['a_bits']} ({config['method']})"
+        model, name = q, f"{args.model} {_label(path, config)}"
     acc = evaluate(model, *data, batch_size=args.batch_size)
     print(f"{name}: top-1 {acc:.2f} % on {len(data[1])} images of {args.eval_data}")
     return 0
@@ -210,11 +237,12 @@ def cmd_export(args) -> int:
     from .convert import convert_to_integer
     from .integer_io import save_integer_model
 
-    _, q, _config = _quantized(args)
+    _, q, config, path = _quantized(args)
     if q is None:
         raise ValueError("export needs --quantized DIR (the output of 'zsqfast quantize')")
     save_integer_model(convert_to_integer(q), Path(args.out))
-    print(f"integer model written to {args.out} (load it with zsqfast.load_integer_model(path, <fp model builder>))")
+    print(f"integer model of {path} ({_label(path, config)}) written to {args.out} (load it with "
+          "zsqfast.load_integer_model(path, <fp model builder>))")
     return 0
 
 

@@ -43,12 +43,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import zlib
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from ._fileio import default_file_mode
 from ._trace import is_act_wrapper
 from .convert import FORMAT_VERSION, FoldedNormAct
 from .nn import QuantAct
@@ -114,9 +116,21 @@ def save_integer_model(model: nn.Module, path: str | os.PathLike) -> None:
             seen.add(v.untyped_storage().data_ptr())
         tensors[k] = v
     meta = {"format": FORMAT_VERSION, "crc32": _crc32(tensors), "edits": info["edits"]}
-    tmp = f"{os.fspath(path)}.tmp"
-    save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
-    os.replace(tmp, path)
+    if os.path.isdir(path):
+        raise ValueError(f"{os.fspath(path)} is a directory; pass a file path for the integer model, e.g. "
+                         f"{os.path.join(os.fspath(path), 'integer_model.safetensors')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta, separators=(",", ":"))})
+        os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _densify_back(model: nn.Module, state: dict[str, torch.Tensor], path) -> None:

@@ -15,7 +15,11 @@ Stages, in order (each one's artifact under ``out/``)::
 fingerprint and, per finished stage, its wall time and metrics. A stage counts as done only once its artifact
 and the manifest entry naming it are both on disk, so an interrupted run, called again with the same
 arguments, skips the finished stages and resumes the one in progress (at the last synthetic batch / epoch
-written). Another configuration in the same ``out/`` raises ValueError saying what differs.
+written); a stage whose artifact was deleted runs again. Another configuration in the same ``out/`` raises
+ValueError saying what differs (an option given at its default value is the same run as one left out). The
+accuracies are stored with a hash of the evaluation data: a resumed run given other ``eval_data`` (or none
+before) measures them again instead of reporting the stored ones. Every argument is checked before ``out/`` is
+written, so a bad one never claims the directory.
 
 Determinism: synthetic batch b depends on (seed, b) only, fine-tuning epoch e on (seed, e) only, so a run
 resumed at any point gives the same model as an uninterrupted one (same machine and thread count).
@@ -30,6 +34,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import numbers
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,17 +44,17 @@ import torch
 import torch.nn as nn
 
 from . import distributed as zdist
+from ._fileio import atomic_write_bytes
 from .convert import convert_to_integer
 from .finetune import finetune
 from .finetune.trainer import DEFAULTS as FINETUNE_DEFAULTS
-from .finetune.trainer import evaluate
+from .finetune.trainer import evaluate, resolve_options
 from .integer_io import load_integer_model, save_integer_model
 from .nn.quant_layers import resolve_bits
 from .quantize_model import calibrate, quantize_model
 from .synthesis import SyntheticDataset, synthesize
 from .synthesis.engine import model_fingerprint, resolve_method
 from .synthesis.recipes import DEFAULT_BATCH
-from .synthesis.storage import atomic_write_bytes
 
 STAGES = ("synthesize", "quantize", "finetune", "export")
 MANIFEST = "manifest.json"
@@ -77,8 +82,28 @@ def _tensor_hash(*tensors: torch.Tensor) -> str:
     return h.hexdigest()[:16]
 
 
+_SYNTH_KEYS = ("model", "seed", "num_images", "synth_iterations", "synth_method", "synth_batch_size", "synth_options")
+
+
+def _canonical(config: dict) -> dict:
+    """``config`` with the defaults spelled out, flat, so that an option given at its default value compares equal
+    to one left out: ``finetune_options`` resolved against DEFAULTS, one ``finetune_options.<name>`` entry each
+    (the STE from the config's resolved ``act_ste``: its default changed once), ``first_last_bits`` None ->
+    ``w_bits``."""
+    c = dict(config)
+    ft = c.pop("finetune_options", None)
+    if isinstance(ft, dict):
+        ft = dict(FINETUNE_DEFAULTS, **ft)
+        ft["act_ste"] = c.pop("act_ste", ft["act_ste"])
+        c.update({f"finetune_options.{k}": v for k, v in ft.items()})
+    if c.get("first_last_bits") is None and "w_bits" in c:
+        c["first_last_bits"] = c["w_bits"]
+    return c
+
+
 class Manifest:
-    """``out/manifest.json``: {"config": {...}, "stages": {name: {"time_s", "metrics", ...}}}, atomic writes."""
+    """``out/manifest.json``: {"config": {...}, "stages": {name: {"time_s", "metrics", "artifact", ...}}}, atomic
+    writes."""
 
     def __init__(self, out: Path | None, config: dict):
         self.out, self.path = out, (out / MANIFEST if out is not None else None)
@@ -86,17 +111,36 @@ class Manifest:
         if self.path is not None and self.path.exists():
             with open(self.path) as f:
                 stored = json.load(f)
-            diff = {k: (stored["config"].get(k), v) for k, v in config.items() if stored["config"].get(k) != v}
+            old, new = _canonical(stored["config"]), _canonical(config)
+            diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
             if diff:
                 details = "; ".join(f"{k}: stored {a!r}, requested {b!r}" for k, (a, b) in sorted(diff.items()))
+                hint = ""
+                if "synthesize" in stored["stages"] and not set(diff) & set(_SYNTH_KEYS):
+                    hint = (f"; its synthetic set can be reused: pass data={out / 'synthetic'} "
+                            "(--data on the command line) with another output directory")
                 raise ValueError(f"{out} holds a different quantization run ({details}); use another output "
-                                 "directory, or delete this one to start over")
+                                 f"directory, or delete this one to start over{hint}")
             self.data = stored
         elif self.path is not None:
             self._write()  # claim the directory for this configuration before any stage runs
 
     def done(self, stage: str) -> bool:
-        return stage in self.data["stages"]
+        """The stage's entry is in the manifest and (with ``out``) its artifact is on disk."""
+        entry = self.data["stages"].get(stage)
+        if entry is None:
+            return False
+        artifact = entry.get("artifact")
+        return self.out is None or artifact is None or (self.out / artifact).exists()
+
+    def measured(self, stage: str, eval_key: str | None) -> bool:
+        """The stage's stored accuracies were measured on the evaluation data of hash ``eval_key``."""
+        return self.data["stages"].get(stage, {}).get("eval_data") == eval_key
+
+    def set_metrics(self, stage: str, metrics: dict, eval_key: str | None) -> None:
+        """Replace the stage's accuracies (measured again on other evaluation data)."""
+        self.data["stages"][stage].update(metrics=metrics, eval_data=eval_key)
+        self._write()
 
     def metrics(self, stage: str) -> dict:
         return self.data["stages"].get(stage, {}).get("metrics", {})
@@ -126,11 +170,23 @@ def build_quantized(fp_model: nn.Module, config: dict) -> nn.Module:
     return q
 
 
+def read_payload(path: str | Path):
+    """``torch.load(path, weights_only=True)``; ValueError when the file is not a readable PyTorch file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # pickle errors, truncated or foreign files
+        raise ValueError(f"{path} is not a readable model file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); pass the model.pt or rtn.pt "
+                         "of a 'zsqfast quantize' output directory") from None
+
+
 def load_quantized(path: str | Path, fp_model: nn.Module) -> tuple[nn.Module, dict]:
     """A model saved by :func:`quantize` (``rtn.pt`` / ``model.pt``) rebuilt around ``fp_model``.
 
     Raises ValueError when the file is not such a model or does not fit ``fp_model``."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = read_payload(path)
     if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
         raise ValueError(f"{path} is not a model saved by zsqfast quantize (expected keys 'state_dict' and "
                          "'config'); pass the model.pt of a quantize output directory")
@@ -196,19 +252,19 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     Returns:
         :class:`QuantizeResult`.
     Raises:
-        ValueError: bad bits / method / budget, a synthesis method the model cannot use, an ``out`` holding
-            another run.
+        ValueError: bad bits / method / budget / fine-tuning option, a synthesis method the model cannot use, a
+            layer quantize_model cannot quantize, an ``out`` holding another run; all before ``out`` is written.
     """
     wb, ab = resolve_bits(w_bits, "w_bits", allow_float=False), resolve_bits(a_bits, "a_bits", allow_float=False)
     if method not in ("synq", "kd"):
         raise ValueError(f"method must be 'synq' or 'kd', got {method!r}")
-    if epochs < 0 or num_images < 1 or synth_iterations < 1 or batch_size < 1:
-        raise ValueError("num_images, synth_iterations and batch_size must be positive and epochs >= 0")
+    for name, value, least in (("epochs", epochs, 0), ("num_images", num_images, 1),
+                               ("synth_iterations", synth_iterations, 1), ("batch_size", batch_size, 1),
+                               ("synth_batch_size", 1 if synth_batch_size is None else synth_batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     ft_opts = dict(finetune_options or {})
-    unknown = set(ft_opts) - set(FINETUNE_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown fine-tuning options {sorted(unknown)}; known: {sorted(FINETUNE_DEFAULTS)}")
-    opt = dict(FINETUNE_DEFAULTS, **ft_opts)  # the resolved fine-tuning options
+    opt = resolve_options(ft_opts)  # the resolved fine-tuning options (ValueError naming a bad one)
     out = Path(out) if out is not None else None
     if out is None and zdist.world_size() > 1:
         raise ValueError("under torchrun quantize() needs out=: the ranks share rank 0's artifacts through it")
@@ -227,6 +283,8 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
                       synth_batch_size=synth_batch_size, synth_options=dict(synth_options or {}))
     else:
         config.update(data=_tensor_hash(dataset.images, dataset.labels), num_images=len(dataset.labels))
+    student = build_quantized(fp, config)  # an unsupported model fails here, before out/ is written
+    eval_key = _tensor_hash(*eval_data) if eval_data is not None else None
     man = Manifest(out, config)
     if dataset is not None and out is not None and not isinstance(data, (str, Path)) and zdist.rank() == 0 \
             and not (out / "synthetic.pt").exists():  # keep a copy of the given set with the run
@@ -250,20 +308,25 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
             man.finish("synthesize", time.perf_counter() - t0, artifact="synthetic")
         if dataset is None:
             dataset = SyntheticDataset.load(synth_dir) if synth_dir is not None else None
+    def rtn_metrics():
+        return {"fp32_accuracy": evaluate(fp, *eval_data), "rtn_accuracy": evaluate(rtn, *eval_data)} \
+            if eval_data is not None else {}
+
     # 2. quantize_model + calibrate -> the zero-shot round-to-nearest model
     if man.done("quantize") and out is not None:
         rtn, _ = load_quantized(out / "rtn.pt", fp)
+        if not man.measured("quantize", eval_key):
+            man.set_metrics("quantize", rtn_metrics(), eval_key)
     else:
         t0 = time.perf_counter()
-        rtn = build_quantized(fp, config)
+        rtn = student
         calibrate(rtn, dataset.images[: opt["calib_batches"] * batch_size].split(batch_size), freeze=True,
                   method=opt["calib_method"])
-        m = {"fp32_accuracy": evaluate(fp, *eval_data), "rtn_accuracy": evaluate(rtn, *eval_data)} \
-            if eval_data is not None else {}
+        m = rtn_metrics()
         if out is not None and zdist.rank() == 0:
             save_model(out / "rtn.pt", rtn, config)
         zdist.barrier()
-        man.finish("quantize", time.perf_counter() - t0, m, artifact="rtn.pt")
+        man.finish("quantize", time.perf_counter() - t0, m, artifact="rtn.pt", eval_data=eval_key)
         _log(f"quantize: W{wb}A{ab} round-to-nearest" + (f", accuracy {m['rtn_accuracy']:.2f} %" if m else ""),
              progress)
     metrics.update(man.metrics("quantize"))
@@ -274,6 +337,9 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     elif man.done("finetune") and out is not None:
         qmodel, _ = load_quantized(out / "model.pt", fp)
         history = _read_log(out / "finetune" / "log.jsonl")
+        if not man.measured("finetune", eval_key):
+            man.set_metrics("finetune", {"final_accuracy": evaluate(qmodel, *eval_data)}
+                            if eval_data is not None else {}, eval_key)
     else:
         t0 = time.perf_counter()
         qmodel = copy.deepcopy(rtn)
@@ -288,11 +354,11 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
         if out is not None and zdist.rank() == 0:
             save_model(out / "model.pt", qmodel, config)
         zdist.barrier()
-        man.finish("finetune", time.perf_counter() - t0, m, artifact="model.pt")
+        man.finish("finetune", time.perf_counter() - t0, m, artifact="model.pt", eval_data=eval_key)
     metrics.update(man.metrics("finetune"))
     # 4. export
     integer_model = None
-    if export and man.done("export") and out is not None and (out / "integer_model.safetensors").exists():
+    if export and man.done("export") and out is not None:
         integer_model = load_integer_model(out / "integer_model.safetensors", copy.deepcopy(fp))
     elif export:
         t0 = time.perf_counter()

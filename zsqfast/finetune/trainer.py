@@ -40,6 +40,7 @@ import contextlib
 import functools
 import json
 import math
+import numbers
 import sys
 from pathlib import Path
 
@@ -52,7 +53,7 @@ from ..nn import QuantAct
 from ..ops.lowpass import gaussian_lowpass
 from ..quantize_model import calibrate
 from ..synthesis.engine import _progress
-from ..synthesis.storage import atomic_write_bytes
+from .._fileio import atomic_write_bytes
 from .gradcam import cam_from_activation, cam_loss_from_activation, capture
 from .layout import call_channels_last
 from .losses import FeatureTap, feature_alignment, feature_layers, kd_loss, selective_ce
@@ -60,6 +61,26 @@ from .losses import FeatureTap, feature_alignment, feature_layers, kd_loss, sele
 DEFAULTS = dict(lr=1e-5, momentum=0.9, weight_decay=1e-4, temperature=20.0, alpha=20.0, lambda_ce=5.0,
                 lambda_cam=200.0, tau=0.5, d0=80.0, calib_batches=4, calib_method="mse", augment=True, lambda_fa=0.0, fa_layers=None,
                 promote_eps=0.0, channels_last=None, act_ste="clipped")
+
+
+def resolve_options(options: dict) -> dict:
+    """:data:`DEFAULTS` overridden by ``options``, each value checked: ValueError naming the bad one."""
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown fine-tuning options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    opt = dict(DEFAULTS, **options)
+    for k, allowed in (("act_ste", ("clipped", "identity")), ("calib_method", ("mse", "minmax"))):
+        if opt[k] not in allowed:
+            raise ValueError(f"{k} must be one of {allowed}, got {opt[k]!r}")
+    cb = opt["calib_batches"]
+    if isinstance(cb, bool) or not isinstance(cb, numbers.Integral) or cb < 1:
+        raise ValueError(f"calib_batches must be an integer >= 1 (synthetic batches that set the ranges), got {cb!r}")
+    for k, positive in (("lr", True), ("temperature", True), ("momentum", False), ("weight_decay", False)):
+        v = opt[k]
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0 \
+                or (positive and v == 0):
+            raise ValueError(f"{k} must be a finite number {'> 0' if positive else '>= 0'}, got {v!r}")
+    return opt
 
 
 def random_resized_crop_flip(x: torch.Tensor, g: torch.Generator, scale=(0.5, 1.0)) -> torch.Tensor:
@@ -162,12 +183,7 @@ def finetune(fp_model: nn.Module, q_model: nn.Module, dataset, *, method: str = 
     """
     if method not in ("kd", "synq"):
         raise ValueError(f"method must be 'kd' or 'synq', got {method!r}")
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown fine-tuning options {sorted(unknown)}")
-    opt = dict(DEFAULTS, **options)
-    if opt["act_ste"] not in ("clipped", "identity"):
-        raise ValueError(f"act_ste must be 'clipped' or 'identity', got {opt['act_ste']!r}")
+    opt = resolve_options(options)
     images, labels = (dataset.images, dataset.labels) if hasattr(dataset, "images") else dataset
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError("dataset must hold as many labels as images, at least one")

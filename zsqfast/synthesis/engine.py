@@ -49,7 +49,8 @@ from . import recipes
 from .bns_loss import BNSLoss
 from .centers import center_loss, center_statistics, make_centers
 from .patch_entropy import PatchEntropy, _attention_modules
-from .storage import ShardStore, atomic_write_bytes
+from .._fileio import atomic_write_bytes
+from .storage import ShardStore
 
 
 @dataclass
