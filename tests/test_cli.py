@@ -21,3 +21,11 @@ def test_info():
 def test_bad_arguments_exit_2():
     assert _cli("frobnicate").returncode == 2
     assert _cli("demo", "--seed", "x").returncode == 2
+
+
+def test_demo_takes_the_data_directory_as_the_pipeline_commands_do():
+    """``demo --data-dir`` (the pipeline commands' name) and the older ``demo --data`` set the same option."""
+    from zsqfast.cli import build_parser
+
+    for flag in ("--data-dir", "--data"):
+        assert build_parser().parse_args(["demo", flag, "/some/dir"]).data == "/some/dir"

@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_info)
     s = sub.add_parser("demo", help="quantize a small pretrained model (no downloads) and report accuracy and speed")
     s.add_argument("--quick", action="store_true", help="tiny budget (smoke test, seconds)")
-    s.add_argument("--data", default=None, help="data directory (default $ZSQFAST_DATA or ../shared/data)")
+    s.add_argument("--data-dir", "--data", dest="data", default=None,
+                   help="data directory (default $ZSQFAST_DATA or ../shared/data), as in the pipeline commands")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default=None, help="report directory (default ./zsqfast_demo or ./zsqfast_demo_quick)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
