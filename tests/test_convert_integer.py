@@ -220,3 +220,15 @@ def test_torchvision_shared_relu():
     assert layerwise_check(q, im, x) == 21
     with torch.no_grad():
         assert torch.equal(zsqfast.convert_to_integer(q, x[:1], fuse=False)(x), im(x))
+
+
+def test_intconv2d_rejects_wrong_input_channels():
+    """15 and 16 channels pack to the same padded K: IntConv2d checks its own K (the fallback path)."""
+    torch.manual_seed(0)
+    lw = zsqfast.LowbitWeight.from_float(torch.randn(8, 16, 3, 3), torch.full((8,), 0.2), torch.full((8,), 8.0), 4)
+    m = IntConv2d(16, 8, 3, bias=False, w_bits=4, a_bits=4)
+    m.set_weight(lw, None, (torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32)))
+    assert m(torch.rand(1, 16, 6, 6)).shape == (1, 8, 4, 4)
+    for c in (15, 17):
+        with pytest.raises(ValueError, match="the weight has K=144"):
+            m(torch.rand(1, c, 6, 6))

@@ -1,4 +1,5 @@
 """fake_quantize: reference semantics, every available backend against it (exact), STE gradients, errors."""
+import numpy as np
 import pytest
 import torch
 
@@ -164,6 +165,24 @@ def test_torch_compile():
     s, zp = zsqfast.minmax_qparams(x, 4, axis=0)
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(x, s, zp), f(x, s, zp))
+
+
+def test_numpy_integer_bits():
+    x = torch.randn(5)
+    assert torch.equal(zsqfast.fake_quantize(x, 0.1, 3, np.int64(4)), zsqfast.fake_quantize(x, 0.1, 3, 4))
+    assert qrange(np.int32(3), True) == (-4, 3) and type(qrange(np.int64(4), False)[1]) is int
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_point_must_be_integer_valued(backend):
+    """The C++ kernel truncates a fractional zero point, the reference would not: an error either way."""
+    x = torch.randn(3, 4)
+    with zsqfast.use_backend(backend):
+        want = zsqfast.fake_quantize(x, 0.1, torch.tensor([3, -2, 0, 7]), 4, axis=1)
+        assert torch.equal(zsqfast.fake_quantize(x, 0.1, torch.tensor([3.0, -2.0, 0.0, 7.0]), 4, axis=1), want)
+        for bad in (0.5, torch.tensor([3.0, 2.5, 0.0, 7.0]), float("nan"), float("inf")):
+            with pytest.raises(ValueError, match="zero_point must hold integer values"):
+                zsqfast.fake_quantize(x, 0.1, bad, 4, axis=1)
 
 
 @pytest.mark.parametrize("bits", [1, 9, 0, 4.0, True, "4"])

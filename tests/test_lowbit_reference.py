@@ -80,3 +80,65 @@ def test_opcheck():
     torch.library.opcheck(G.lowbit_gemm, (a, lw.packed, 4, 40))
     torch.library.opcheck(G.lowbit_linear_op, (torch.randn(3, 40), lw.packed, lw.scale, lw.zero_point, lw.colsum,
                                                torch.full((1,), 0.2), torch.zeros(1), 4, 4, 40, torch.randn(5)))
+
+
+def _conv_case():
+    lw = LowbitWeight.from_float(torch.randn(8, 16, 3, 3), torch.full((8,), 0.2), torch.full((8,), 8.0), 4)
+    return lw, (lw.packed, lw.scale, lw.zero_point, lw.colsum)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_conv_checks_the_channel_count_against_k(backend):
+    """16 and 15 input channels pad to the same packed K: only the weight's true K tells them apart."""
+    torch.manual_seed(2)
+    lw, w = _conv_case()
+    grid = (torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32), 4, 4, 3)
+    x = torch.rand(1, 16, 6, 6)
+    with zsqfast.use_backend(backend):
+        assert torch.equal(zsqfast.lowbit_conv2d(x, *w, *grid, K=lw.K), zsqfast.lowbit_conv2d(x, *w, *grid))
+        for c in (15, 17):
+            with pytest.raises(ValueError, match=f"K={c * 9}, but the weight has K=144"):
+                zsqfast.lowbit_conv2d(torch.rand(1, c, 6, 6), *w, *grid, K=lw.K)
+
+
+def test_conv_geometry_and_linear_k_errors():
+    _, w = _conv_case()
+    grid = (torch.tensor([0.1]), torch.tensor([0], dtype=torch.int32), 4, 4, 3)
+    x = torch.rand(1, 16, 6, 6)
+    for kw, msg in [(dict(stride=0), "stride must be >= 1"), (dict(stride=(1, -1)), "stride must be >= 1"),
+                    (dict(dilation=0), "dilation must be >= 1"), (dict(padding=-1), "padding must be >= 0")]:
+        with pytest.raises(ValueError, match=msg):
+            zsqfast.lowbit_conv2d(x, *w, *grid, **kw)
+    lw = LowbitWeight.from_float(torch.randn(4, 10), torch.full((4,), 0.2), torch.full((4,), 8.0), 4)
+    with pytest.raises(ValueError, match="K=0"):
+        zsqfast.lowbit_linear(torch.rand(3, 0), torch.zeros(4, 0, dtype=torch.uint8), lw.scale, lw.zero_point,
+                              lw.colsum, torch.tensor([0.1]), torch.zeros(1), 4, 4, 0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_integer_ops_check_zero_points_and_activation_scale(backend):
+    """The kernels take int32 zero points (a fraction would be truncated there, kept by the reference): a
+    fractional one is an error, an integer-valued float one gives the int32 result; a_scale > 0, finite."""
+    torch.manual_seed(3)
+    lw = LowbitWeight.from_float(torch.randn(4, 10), torch.full((4,), 0.2), torch.full((4,), 8.0), 4)
+    lcw, cw = _conv_case()
+    x, xc, sa = torch.rand(3, 10), torch.rand(1, 16, 6, 6), torch.tensor([0.1])
+
+    def lin(w_zero, a_scale, a_zero):
+        return zsqfast.lowbit_linear(x, lw.packed, lw.scale, w_zero, lw.colsum, a_scale, a_zero, 4, 4, 10)
+
+    def conv(w_zero, a_scale, a_zero):
+        return zsqfast.lowbit_conv2d(xc, cw[0], cw[1], w_zero, cw[3], a_scale, a_zero, 4, 4, 3)
+
+    with zsqfast.use_backend(backend):
+        for f, wz in ((lin, lw.zero_point), (conv, lcw.zero_point)):
+            za = torch.tensor([3], dtype=torch.int32)
+            assert torch.equal(f(wz.float(), sa, za.float()), f(wz, sa, za))
+            for bad in (7.6, -0.5, float("nan"), float("inf")):
+                with pytest.raises(ValueError, match="a_zero must hold integer values"):
+                    f(wz, sa, torch.tensor([bad]))
+            with pytest.raises(ValueError, match="w_zero must hold integer values"):
+                f(wz.float() + 0.5, sa, za)
+            for bad in (0.0, -0.1, float("nan"), float("inf")):
+                with pytest.raises(ValueError, match="a_scale must be positive and finite"):
+                    f(wz, torch.tensor([bad]), za)

@@ -118,6 +118,13 @@ def test_errors():
         zsqfast.lsq_fake_quantize(x, 0.1, 4)
 
 
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
+def test_step_must_be_positive_and_finite(bad):
+    step = torch.tensor([0.1, bad, 0.2], requires_grad=True)
+    with pytest.raises(ValueError, match="step must be positive and finite"):
+        zsqfast.lsq_fake_quantize(torch.randn(2, 3), step, 4, axis=1)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_single_element_with_expanded_gradient(backend):
     """``.sum().backward()`` of a 1-element output hands the op a stride-0 gradient."""

@@ -182,7 +182,7 @@ class IntConv2d(_IntLayer):
             return y.contiguous(memory_format=torch.channels_last)
         return lowbit_conv2d(x, self.packed, self.w_scale, self.w_zero, self.w_colsum, self.a_scale, self.a_zero,
                              self.a_bits, self.w_bits, self.kernel_size, self.stride, padding, self.dilation,
-                             self.groups, self.bias)
+                             self.groups, self.bias, K=self.K)  # K: an input of the wrong width is an error
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

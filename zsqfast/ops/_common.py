@@ -1,6 +1,9 @@
 """Argument checks and small tensor helpers shared by the quantization ops."""
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 #: dtypes the compiled and Triton kernels take; others (float64) run the reference.
@@ -9,14 +12,15 @@ FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
 
 
 def check_bits(bits: int) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+    """``bits`` as an int: any integral number (``int``, a NumPy integer) in 2..8; bools are rejected."""
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an integer in 2..8, got {bits!r}")
-    return bits
+    return int(bits)
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
     """Integer grid ``[qmin, qmax]``: ``[-2^(b-1), 2^(b-1)-1]`` when signed, else ``[0, 2^b-1]``."""
-    check_bits(bits)
+    bits = check_bits(bits)
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
 
 
@@ -25,6 +29,29 @@ def check_input(x: torch.Tensor, name: str = "x") -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+
+
+def values_checkable(t: torch.Tensor) -> bool:
+    """Whether a check may read ``t``'s values: on the CPU outside ``torch.compile``. On a GPU the read would
+    be a host synchronisation, so value checks (:func:`check_scale`, :func:`check_zero_point`, NaN checks)
+    are skipped there."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def check_scale(s: torch.Tensor, name: str = "scale") -> None:
+    """ValueError unless every element of ``s`` is positive and finite (when :func:`values_checkable`)."""
+    if values_checkable(s) and not bool(((s > 0) & (s < math.inf)).all()):
+        raise ValueError(f"{name} must be positive and finite")  # (NaN fails s > 0)
+
+
+def check_zero_point(zp: torch.Tensor, name: str = "zero_point") -> None:
+    """ValueError unless ``zp`` holds integer values: integer dtypes always do; a float tensor is read (when
+    :func:`values_checkable`) and must have no fractional part (NaN / Inf have none of their own: rejected).
+    The integer kernels take zero points as int32, so a fractional one would be truncated there but used as
+    is by the float reference."""
+    if zp.is_floating_point() and values_checkable(zp) and not bool((torch.frac(zp) == 0).all()):
+        raise ValueError(f"{name} must hold integer values (a grid offset in codes), got a fractional or "
+                         "non-finite value")
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -28,8 +28,6 @@ offset o uses channel ``(o // inner) % C``. ``mask`` is uint8 ``(ceil(numel / 8)
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _common as C
@@ -122,15 +120,18 @@ def fake_quantize(x: torch.Tensor, scale, zero_point=None, bits: int = 8, axis: 
         x: float32 / float16 / bfloat16 / float64 tensor of any shape and layout (fp64 runs the reference).
         scale: step size, a positive float or tensor: ``()`` / ``(1,)`` per tensor, ``(x.size(axis),)``
             per channel.
-        zero_point: integer-valued offset, same shape as ``scale`` (int or float dtype). Asymmetric grid:
-            ``q in [0, 2^bits - 1]``. ``None`` means 0.
-        bits: 2..8.
+        zero_point: integer-valued offset, same shape as ``scale`` (int or float dtype; a float one with a
+            fractional part is a ValueError). Asymmetric grid: ``q in [0, 2^bits - 1]``. ``None`` means 0.
+        bits: 2..8 (any integral number).
         axis: ``None`` per tensor, else the channel dimension.
         ste: ``"identity"`` (gradient passes unchanged) or ``"clipped"`` (zero where clamped).
         symmetric: signed grid ``q in [-2^(bits-1), 2^(bits-1) - 1]``; ``zero_point`` must be ``None`` or 0.
 
     Returns:
         Tensor of ``x``'s shape and dtype (``x``'s strides when ``x`` is dense, else contiguous).
+
+    The values of ``scale`` and ``zero_point`` are checked on the CPU only (on a GPU the read would be a host
+    synchronisation).
     """
     C.check_input(x)
     if ste not in ("identity", "clipped"):
@@ -141,7 +142,8 @@ def fake_quantize(x: torch.Tensor, scale, zero_point=None, bits: int = 8, axis: 
     zp = C.channel_param(zero_point, x, axis, "zero_point", default=0.0)
     if symmetric and zero_point is not None and not torch.compiler.is_compiling() and bool((zp != 0).any()):
         raise ValueError("symmetric fake quantization takes no zero point (pass None or 0)")
-    if s.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(((s > 0) & (s < math.inf)).all()):
-        raise ValueError("scale must be positive and finite")  # (NaN fails s > 0)
+    C.check_scale(s)
+    if zero_point is not None:
+        C.check_zero_point(zp)
     out, _ = fake_quant(x, s, zp, qmin, qmax, axis, ste == "clipped")
     return out

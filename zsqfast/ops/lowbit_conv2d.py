@@ -92,28 +92,40 @@ lowbit_conv2d_op = define_op(
     reference, _fake, _adapter)
 
 
-def _pair(v, name):
+def _pair(v, name, least):
     t = (v, v) if isinstance(v, int) else tuple(v)
     if len(t) != 2 or not all(isinstance(i, int) for i in t):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(t) < least:
+        raise ValueError(f"{name} must be >= {least}, got {v!r}")
     return t
 
 
 def lowbit_conv2d(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, w_zero: torch.Tensor,
                   w_colsum: torch.Tensor, a_scale: torch.Tensor, a_zero: torch.Tensor, a_bits: int, w_bits: int,
                   kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, *, K: int | None = None) -> torch.Tensor:
     """Integer convolution of float activations ``x`` (B, C, H, W), quantized on the fly per tensor
-    (``a_scale``, ``a_zero`` of one element), with packed weight codes (OC, K) of an (OC, C/groups, kh, kw)
-    weight (:func:`zsqfast.pack_lowbit`); ``w_scale``, ``w_zero``, ``w_colsum`` (OC,) as in
-    :func:`zsqfast.lowbit_linear`. Returns fp32 (B, OC, Ho, Wo) in channels_last memory order."""
+    (``a_scale``, ``a_zero`` of one element, checked as in :func:`zsqfast.lowbit_linear`), with packed weight
+    codes (OC, K) of an (OC, C/groups, kh, kw) weight (:func:`zsqfast.pack_lowbit`); ``w_scale``, ``w_zero``,
+    ``w_colsum`` (OC,) as in :func:`zsqfast.lowbit_linear`. ``kernel_size``, ``stride``, ``dilation`` >= 1,
+    ``padding`` >= 0 (ints or pairs). Returns fp32 (B, OC, Ho, Wo) in channels_last memory order.
+
+    ``K``: the weight's reduction length C/groups * kh * kw (:attr:`LowbitWeight.K`). The packed codes only
+    show K rounded up to a multiple of 128, so pass it to have an ``x`` with the wrong channel count
+    rejected (ValueError) instead of convolved with the zero padding codes; without it only the padded
+    length is checked."""
     if x.dim() != 4:
         raise ValueError(f"x must be (B, C, H, W), got shape {tuple(x.shape)}")
-    ks, st, pd, dl = (_pair(v, n) for v, n in ((kernel_size, "kernel_size"), (stride, "stride"),
-                                              (padding, "padding"), (dilation, "dilation")))
+    ks, st, pd, dl = (_pair(v, n, least) for v, n, least in ((kernel_size, "kernel_size", 1), (stride, "stride", 1),
+                                                             (padding, "padding", 0), (dilation, "dilation", 1)))
     if groups < 1 or x.size(1) % groups:
         raise ValueError(f"groups={groups} must divide the {x.size(1)} input channels")
-    K = x.size(1) // groups * ks[0] * ks[1]
+    kx = x.size(1) // groups * ks[0] * ks[1]
+    if K is not None and kx != K:
+        raise ValueError(f"x has {x.size(1)} channels: {x.size(1) // groups} per group x {ks[0]}x{ks[1]} taps is "
+                         f"K={kx}, but the weight has K={K}")
+    K = kx
     N = check_weight(w_packed, w_scale, w_zero, w_colsum, w_bits, K)
     if N % groups:
         raise ValueError(f"groups={groups} must divide the {N} output channels")

@@ -113,8 +113,10 @@ lowbit_linear_op = define_op(
 
 
 def check_weight(w_packed: torch.Tensor, w_scale, w_zero, w_colsum, w_bits: int, K: int) -> int:
-    """Validate a packed weight and its per-channel tensors; returns N."""
+    """Validate a packed weight and its per-channel tensors (``w_zero`` integer-valued); returns N."""
     C.check_bits(w_bits)
+    if K < 1:
+        raise ValueError(f"K={K}: the reduction length must be at least 1")
     if not isinstance(w_packed, torch.Tensor) or w_packed.dtype != torch.uint8 or w_packed.dim() != 2:
         raise TypeError("w_packed must be a 2-D uint8 tensor from zsqfast.pack_lowbit")
     N = w_packed.size(0)
@@ -126,6 +128,7 @@ def check_weight(w_packed: torch.Tensor, w_scale, w_zero, w_colsum, w_bits: int,
             raise ValueError(f"{name} must be a tensor of {N} elements (one per output channel)")
         if t.device != w_packed.device:
             raise ValueError(f"{name} is on {t.device} but w_packed is on {w_packed.device}")
+    C.check_zero_point(w_zero, "w_zero")
     return N
 
 
@@ -136,15 +139,17 @@ def check_k(K: int, a_bits: int, w_bits: int) -> None:
 
 
 def check_activation(x: torch.Tensor, a_bits: int, a_scale, a_zero, rows: int | None, op: str) -> None:
-    """Validate a float activation and its grid; ``rows`` is M when per-token parameters are allowed. NaN in
-    a CPU ``x`` is rejected here unless the C++ kernel runs ``op`` (it raises the same error itself)."""
+    """Validate a float activation and its grid (``a_scale`` positive and finite, ``a_zero`` integer-valued);
+    ``rows`` is M when per-token parameters are allowed. NaN in a CPU ``x`` is rejected here unless the C++
+    kernel runs ``op`` (it raises the same error itself)."""
     C.check_input(x)
     C.check_bits(a_bits)
     for name, t in (("a_scale", a_scale), ("a_zero", a_zero)):
         if not isinstance(t, torch.Tensor) or t.numel() not in ((1, rows) if rows else (1,)):
             raise ValueError(f"{name} must have 1 element (per tensor)" + (f" or {rows} (per token)" if rows else ""))
-    if (x.device.type == "cpu" and not torch.compiler.is_compiling() and active_backend("cpu", op) != "cpp"
-            and bool(torch.isnan(x).any())):
+    C.check_scale(a_scale, "a_scale")
+    C.check_zero_point(a_zero, "a_zero")
+    if C.values_checkable(x) and active_backend("cpu", op) != "cpp" and bool(torch.isnan(x).any()):
         raise ValueError("x contains NaN: integer activations have no NaN code")
 
 
@@ -158,9 +163,14 @@ def lowbit_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor
         w_packed: uint8 packed weight codes (N, ...) from :func:`zsqfast.pack_lowbit` of ``w_bits`` codes.
         w_scale, w_zero: (N,) per-output-channel scale and (integer-valued) zero point of the weight grid.
         w_colsum: (N,) int32 ``sum_k uw[n, k]`` (:func:`zsqfast.ops.lowbit_pack.LowbitWeight` holds it).
-        a_scale, a_zero: activation grid, (1,) per tensor or (M,) per token (M = x.numel() // K).
-        a_bits, w_bits: 2..8. K: the reduction length.
+        a_scale, a_zero: activation grid, (1,) per tensor or (M,) per token (M = x.numel() // K): a positive
+            finite scale and an integer-valued zero point (int or float dtype).
+        a_bits, w_bits: 2..8. K: the reduction length, >= 1.
         bias: optional (N,).
+    Raises:
+        ValueError for a fractional zero point (the kernels take int32 zero points), a non-positive or
+        non-finite ``a_scale`` (both read on the CPU only: a GPU read would be a host synchronisation),
+        NaN in a CPU ``x``, and shape mismatches.
     Returns:
         fp32 tensor (..., N).
     """

@@ -121,8 +121,9 @@ def lsq_fake_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, *, signed:
 
     Args:
         x: float32 / float16 / bfloat16 / float64 tensor, any shape and layout.
-        step: positive step size, a tensor (usually an ``nn.Parameter``) of shape ``()``/``(1,)`` per
-            tensor or ``(x.size(axis),)`` per channel; it receives the LSQ gradient.
+        step: positive finite step size, a tensor (usually an ``nn.Parameter``) of shape ``()``/``(1,)`` per
+            tensor or ``(x.size(axis),)`` per channel; it receives the LSQ gradient. Its values are checked
+            on the CPU (as :func:`zsqfast.fake_quantize` checks ``scale``).
         bits: 2..8. ``signed=True``: ``q in [-2^(b-1), 2^(b-1)-1]`` (weights); ``False``: ``[0, 2^b-1]``.
         axis: ``None`` per tensor, else the channel dimension of ``step``.
         grad_scale: multiplies the step gradient; default ``1 / sqrt(N_c * qmax)`` (the LSQ paper).
@@ -139,6 +140,7 @@ def lsq_fake_quantize(x: torch.Tensor, step: torch.Tensor, bits: int, *, signed:
         raise ValueError(f"step has {step.numel()} elements, expected {want}")
     if step.device != x.device:
         raise ValueError(f"step is on {step.device} but x is on {x.device}")
+    C.check_scale(step.detach(), "step")
     if grad_scale is None:
         grad_scale = 1.0 / math.sqrt(max(x.numel() // want, 1) * qmax)
     shaped = step.reshape(want)
