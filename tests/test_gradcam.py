@@ -290,3 +290,21 @@ def test_fused_cam_loss_matches_composite_and_gradcheck():
     assert torch.autograd.gradcheck(lambda v: cam_mse(v, alpha, t), (a,))
     with pytest.raises(ValueError, match="cam_mse"):
         cam_mse(a, alpha[:, :2], t)
+
+
+def test_target_forms_and_wrong_lengths():
+    """One class for every sample (int, NumPy int, 0-dim tensor) or an integer (B,) tensor, on both paths;
+    a tensor of another length (gather would read only its first rows) or a float one is a ValueError."""
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    for cf in (False, True):
+        full = zsqfast.gradcam(net, x, target=torch.tensor([2, 2, 2, 2]), closed_form=cf)
+        for t in (2, np.int64(2), torch.tensor(2), torch.tensor([2, 2, 2, 2], dtype=torch.int32)):
+            assert torch.equal(zsqfast.gradcam(net, x, target=t, closed_form=cf), full)
+        for bad in (torch.tensor([2]), torch.tensor([2, 2]), torch.tensor([2] * 6), torch.tensor([2.0] * 4),
+                    torch.ones(4, 1, dtype=torch.int64), [2, 2, 2, 2], 2.0, True, "best"):
+            with pytest.raises(ValueError, match="target must be"):
+                zsqfast.gradcam(net, x, target=bad, closed_form=cf)
+    assert torch.allclose(zsqfast.gradcam(net, x, target=3, closed_form=True),
+                          zsqfast.gradcam(net, x, target=3, closed_form=False), atol=1e-5)

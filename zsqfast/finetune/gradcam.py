@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import weakref
 
 import torch
@@ -164,11 +165,19 @@ def capture(model: nn.Module, x: torch.Tensor, layer=None, differentiable: bool 
 
 
 def _classes(logits: torch.Tensor, target) -> torch.Tensor:
-    if isinstance(target, str):
-        if target != "pred":
-            raise ValueError(f"target must be 'pred' or a tensor of classes, got {target!r}")
+    """int64 (B,) classes of ``target``: ``"pred"``, one class for every sample (an int or a 0-dim integer
+    tensor) or an integer (B,) tensor; anything else (another length, a float tensor) is a ValueError."""
+    b = logits.size(0)
+    if isinstance(target, str) and target == "pred":
         return logits.detach().argmax(1)
-    return torch.as_tensor(target, device=logits.device).view(-1)
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
+        return torch.full((b,), int(target), dtype=torch.int64, device=logits.device)
+    if (isinstance(target, torch.Tensor) and not target.is_floating_point() and not target.is_complex()
+            and target.dtype != torch.bool and target.shape in ((), (b,))):
+        return target.to(device=logits.device, dtype=torch.int64).expand(b)
+    got = (f"a {target.dtype} tensor of shape {tuple(target.shape)}" if isinstance(target, torch.Tensor)
+           else repr(target))
+    raise ValueError(f"target must be 'pred', an int class or an integer tensor of shape () or ({b},), got {got}")
 
 
 def _alpha(grad_mean_source: torch.Tensor, mode: str) -> torch.Tensor:
@@ -207,7 +216,7 @@ def weights_from_activation(logits: torch.Tensor, a: torch.Tensor, *, target="pr
     from the logits down to A only (one ``autograd.grad``)."""
     if mode not in MODES:
         raise ValueError(f"mode must be 'synq' or 'standard', got {mode!r}")
-    score = logits.gather(1, _classes(logits, target).view(-1, 1)).sum()
+    score = logits.gather(1, _classes(logits, target).reshape(-1, 1)).sum()
     (grad,) = torch.autograd.grad(score, a, retain_graph=retain_graph)
     return as_grid(a, prefix), _alpha(as_grid(grad, prefix), mode).detach()
 
@@ -277,7 +286,8 @@ def gradcam(model: nn.Module, x: torch.Tensor, *, layer=None, target="pred", mod
         model: a CNN or ViT classifier (its train/eval mode is used as is).
         x: (B, C, H, W) input batch.
         layer: the target module, its qualified name, or None (the mode's default, see :func:`default_layer`).
-        target: ``"pred"`` (each sample's own predicted class) or an int64 (B,) tensor of classes.
+        target: ``"pred"`` (each sample's own predicted class), one class for every sample (an int or a
+            0-dim integer tensor) or an integer (B,) tensor of classes; anything else is a ValueError.
         mode: ``"synq"`` or ``"standard"`` (module docstring).
         differentiable: keep the graph through A (for a training loss on the maps).
         closed_form: ``"auto"``: use CAM's closed form (no backward) when the GAP -> linear structure is
