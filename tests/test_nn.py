@@ -219,3 +219,17 @@ def test_bad_bits(bad):
         QuantAct(bad)
     with pytest.raises(ValueError, match="bits"):
         QuantAct(None)  # an activation quantizer always has bits: leave the activation float instead
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_quantact_rejects_non_finite_batch_state_unchanged(bad):
+    """A NaN / Inf batch would stay in the EMA range for good: rejected before the update."""
+    qa, clean = QuantAct(4).train(), QuantAct(4).train()
+    good = [_batch(-1.0, 2.0), _batch(-0.5, 3.0)]
+    qa(good[0]), clean(good[0])
+    state = {k: v.clone() for k, v in qa.state_dict().items()}
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        qa(torch.tensor([0.0, bad, 1.0]))
+    assert all(torch.equal(v, state[k]) for k, v in qa.state_dict().items())
+    assert torch.equal(qa(good[1]), clean(good[1]))
+    assert torch.equal(qa.running_min, clean.running_min) and torch.equal(qa.running_max, clean.running_max)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..ops._common import values_checkable
 from ..ops.fake_quantize import fake_quantize
 from ..ops.qparams import qparams_from_range
 from .quant_layers import resolve_bits
@@ -22,7 +23,8 @@ class QuantAct(nn.Module):
     This is the ZeroQ-lineage observer (momentum 0.9) WITHOUT its "bias correction" of the stored value
     (which overshoots ~1103x at step 10, see ../shared/reference/zsq-semantics.md): the range is always a
     convex combination of observed batch minima / maxima. The update is branch-free tensor arithmetic
-    (no host synchronisation in forward). Eval mode, or :meth:`freeze`, holds the range.
+    (no host synchronisation in forward). Eval mode, or :meth:`freeze`, holds the range. A CPU batch with
+    NaN / Inf is rejected before it reaches the range (ValueError; a GPU batch is not read, see :meth:`observe`).
 
     Quantization (asymmetric, the formula of :func:`zsqfast.minmax_qparams` applied to the running range)::
 
@@ -98,8 +100,12 @@ class QuantAct(nn.Module):
     # -- observer / quantizer ----------------------------------------------------------------------------
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """One EMA step on ``x``'s min / max (the first observation initialises). No host synchronisation."""
+        """One EMA step on ``x``'s min / max (the first observation initialises). No host synchronisation on
+        a GPU; on the CPU an ``x`` with NaN / Inf is a ValueError and the state is left unchanged (its min /
+        max would stay in the running range for good)."""
         mn, mx = torch.aminmax(x.detach().reshape(-1))
+        if values_checkable(mn) and not bool(torch.isfinite(mn) & torch.isfinite(mx)):
+            raise ValueError("QuantAct input has NaN/Inf: not observed (the running min/max are unchanged)")
         mn, mx = mn.to(self.running_min.dtype), mx.to(self.running_max.dtype)
         first = self.num_observed == 0
         m = self.momentum
