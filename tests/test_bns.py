@@ -150,3 +150,16 @@ def test_bnsloss_errors_and_hook_removal():
         bns(torch.randn(2, 3, 32, 32))
         assert all(len(m._forward_pre_hooks) == 1 for m in bns.layers)
     assert all(len(m._forward_pre_hooks) == 0 for m in bns.layers)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bnsloss_empty_batch_and_syncbn_errors(fused):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with zsqfast.BNSLoss(model, fused=fused) as bns:
+        with pytest.raises(ValueError, match="non-empty batch"):
+            bns(torch.randn(0, 3, 8, 8, requires_grad=True))
+        assert torch.isfinite(bns(torch.randn(2, 3, 8, 8))[1])
+    with pytest.raises(ValueError, match="non-empty batch"):
+        B.batch_stats(torch.randn(0, 4, 5, 5, requires_grad=True))
+    with pytest.raises(ValueError, match="SyncBatchNorm is not supported"):
+        zsqfast.BNSLoss(nn.SyncBatchNorm.convert_sync_batchnorm(model), fused=fused)

@@ -143,3 +143,25 @@ def test_errors():
         gaussian_lowpass(torch.randn(1, 1, 4, 4), 1.0, method="dct")
     with pytest.raises(TypeError):
         gaussian_lowpass(torch.ones(1, 1, 4, 4, dtype=torch.int64), 1.0)
+
+
+def test_empty_planes_and_low_dim_errors():
+    for shape in [(1, 1, 0, 8), (2, 3, 8, 0), (8,)]:
+        with pytest.raises(ValueError, match="H, W >= 1"):
+            gaussian_lowpass(torch.randn(shape), 3.0)
+    for shape in [(8,), (1, 0, 4)]:
+        with pytest.raises(ValueError, match="H, W >= 1"):
+            amplitude_spectrum(torch.randn(shape))
+    x = torch.randn(9, 8, dtype=torch.float64)
+    r2, a2 = amplitude_spectrum(x)  # one (H, W) image: its own spectrum
+    r4, a4 = amplitude_spectrum(x[None, None])
+    assert torch.equal(r2, r4) and torch.allclose(a2, a4, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fft_reference_half_precision_on_cpu(dtype):
+    """torch.fft has no CPU half kernels: the reference runs in fp32 and casts back (as the other methods)."""
+    x = torch.randn(2, 3, 9, 8).to(dtype)
+    y = gaussian_lowpass(x, 3.0, method="fft")
+    assert y.dtype == dtype and torch.equal(y, gaussian_lowpass(x.float(), 3.0, method="fft").to(dtype))
+    assert torch.allclose(y.float(), gaussian_lowpass(x, 3.0, method="circulant").float(), atol=2e-2)

@@ -121,14 +121,22 @@ class BNStatsTap(torch.autograd.Function):
         return bn_stats_backward(grad_x, x, a, b)
 
 
+def check_batch(x: torch.Tensor) -> None:
+    """ValueError unless x is (N, C, ...) with at least one element per channel: the statistics of an empty
+    batch are undefined (and their backward divides by the element count)."""
+    _check(x)
+    if x.numel() == 0:
+        raise ValueError(f"batch statistics need a non-empty batch, got shape {tuple(x.shape)}")
+
+
 def batch_stats(x: torch.Tensor, *, tap: bool = False):
-    """Per-channel ``(mean, biased var)`` of x (N, C, ...), differentiable w.r.t. x.
+    """Per-channel ``(mean, biased var)`` of a non-empty x (N, C, ...), differentiable w.r.t. x.
 
     With ``tap=True`` returns ``(x_view, mean, var)``: feed ``x_view`` onward instead of ``x`` so that the
     backward adds both gradients in one pass (what :class:`zsqfast.BNSLoss` does on every BatchNorm input).
     """
     C.check_input(x)
-    _check(x)
+    check_batch(x)
     if tap:
         return BNStatsTap.apply(x)
     return bn_stats(x)

@@ -56,11 +56,21 @@ def _mask_1d(n: int, d0: float) -> torch.Tensor:
     return torch.exp(-(f * f) / (2.0 * d0 * d0))
 
 
+def _fft_dtype(x: torch.Tensor) -> torch.dtype:
+    """x's dtype where ``torch.fft`` takes it (fp32, fp64; fp16 on CUDA for power-of-two sizes, cuFFT's half
+    precision), else float32 (fp16 elsewhere, bf16), the compute dtype of the other methods."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x.dtype
+    pow2 = all(n & (n - 1) == 0 for n in x.shape[-2:])
+    return x.dtype if x.dtype == torch.float16 and x.device.type == "cuda" and pow2 else torch.float32
+
+
 def reference(x: torch.Tensor, d0: float) -> torch.Tensor:
-    """The official FFT implementation (complex arithmetic in x's precision; fp32 -> complex64)."""
+    """The official FFT implementation (complex arithmetic in x's precision; fp32 -> complex64; a half
+    precision x that torch.fft does not take, see :func:`_fft_dtype`, runs in fp32 and is cast back)."""
     h, w = x.shape[-2:]
     mask = (_mask_1d(h, d0)[:, None] * _mask_1d(w, d0)[None, :]).to(device=x.device)
-    spec = torch.fft.fftshift(torch.fft.fft2(x), dim=(-2, -1))
+    spec = torch.fft.fftshift(torch.fft.fft2(x.to(_fft_dtype(x))), dim=(-2, -1))
     spec = spec * mask.to(spec.real.dtype)
     return torch.fft.ifft2(torch.fft.ifftshift(spec, dim=(-2, -1))).real.to(x.dtype)
 
@@ -180,11 +190,18 @@ def auto_method(h: int, w: int, d0: float, device: str = "cpu") -> str:
     return "rfft" if h + w > RFFT_MIN_SIZE else "circulant"
 
 
+def check_images(x: torch.Tensor, what: str) -> None:
+    """A float (..., H, W) tensor with H, W >= 1 (the filters and spectra act on the last two dims)."""
+    check_input(x)
+    if x.dim() < 2 or 0 in x.shape[-2:]:
+        raise ValueError(f"{what} needs (..., H, W) images with H, W >= 1, got shape {tuple(x.shape)}")
+
+
 def gaussian_lowpass(x: torch.Tensor, d0: float, *, method: str = "auto") -> torch.Tensor:
     """SynQ's low-pass filter of a batch of images.
 
     Args:
-        x: float (B, C, H, W) (any leading dims; the filter acts on the last two), any strides.
+        x: float (B, C, H, W) (any leading dims; the filter acts on the last two, H, W >= 1), any strides.
         d0: cutoff in DFT bins (SynQ's ``--d_zero``, default 80), > 0.
         method: ``"banded"`` (separable circular convolution with the kernel's significant taps),
             ``"sepfft"`` (own separable FFT kernel), ``"circulant"`` (two dense real matmuls), ``"rfft"``
@@ -196,9 +213,7 @@ def gaussian_lowpass(x: torch.Tensor, d0: float, *, method: str = "auto") -> tor
         A NaN / Inf pixel spreads over its whole plane in "fft", "sepfft" and "circulant" but only over the band
         (+-r pixels) in "banded"; SynQ applies ``nan_to_num`` after the filter either way.
     """
-    check_input(x)
-    if x.dim() < 2:
-        raise ValueError(f"gaussian_lowpass needs (..., H, W) images, got shape {tuple(x.shape)}")
+    check_images(x, "gaussian_lowpass")
     if not d0 > 0:
         raise ValueError(f"d0 must be positive, got {d0}")
     if method not in ("auto", "banded", "sepfft", "circulant", "rfft", "fft"):
@@ -228,14 +243,17 @@ def amplitude_spectrum(x: torch.Tensor, num_bins: int | None = None) -> tuple[to
     """Radial amplitude distribution (SynQ Fig. 5): mean |fftshift(fft2(x))| per integer radius.
 
     Args:
-        x: float (B, C, H, W). num_bins: radii 0..num_bins-1 (default: min(H, W) // 2 + 1).
+        x: float (B, C, H, W) (any leading dims, H, W >= 1). num_bins: radii 0..num_bins-1 (default:
+            min(H, W) // 2 + 1).
     Returns:
         ``(radius float (R,), mean amplitude float64 (R,))`` averaged over samples, channels and the bins of
         each ring.
     """
-    check_input(x)
+    check_images(x, "amplitude_spectrum")
     h, w = x.shape[-2:]
-    amp = torch.fft.fftshift(torch.fft.fft2(x.double()), dim=(-2, -1)).abs().mean(dim=tuple(range(x.dim() - 2)))
+    amp = torch.fft.fftshift(torch.fft.fft2(x.double()), dim=(-2, -1)).abs()
+    if x.dim() > 2:  # (mean over dim=() would reduce every dim of a single (H, W) image)
+        amp = amp.mean(dim=tuple(range(x.dim() - 2)))
     yy = torch.arange(h, dtype=torch.float64)[:, None] - h // 2
     xx = torch.arange(w, dtype=torch.float64)[None, :] - w // 2
     r = torch.sqrt(yy * yy + xx * xx).round().long()

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops.bn_stats import batch_stats
+from ..ops.bn_stats import batch_stats, check_batch
 
 FORMS = ("hast", "deepinversion", "genie")
 
@@ -32,7 +32,9 @@ class BNSLoss:
     """``logits, loss = bns(x)`` runs ``model`` on x (N, 3, H, W) and returns its BN-statistics loss.
 
     Args:
-        model: a module with BatchNorm2d layers (used as is; put it in eval mode for synthesis).
+        model: a module with BatchNorm2d layers (used as is; put it in eval mode for synthesis). SyncBatchNorm
+            layers are a ValueError (not supported: synthesis and filtering recognise BatchNorm2d only).
+            ``x`` must be a non-empty batch (ValueError otherwise: an empty batch has no statistics).
         form: ``"hast"``, ``"deepinversion"`` or ``"genie"`` (see the module docstring).
         layer_weights: one weight per BatchNorm2d layer in ``named_modules`` order (the layered /
             calibration-center variant), or None.
@@ -46,6 +48,10 @@ class BNSLoss:
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self.model, self.form, self.fused = model, form, fused
+        if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+            raise ValueError(f"{type(model).__name__} has SyncBatchNorm layers: SyncBatchNorm is not supported by "
+                             "the BN-statistics loss (use the model with its BatchNorm2d layers, before "
+                             "nn.SyncBatchNorm.convert_sync_batchnorm)")
         self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no BatchNorm2d layer: a BN-statistics loss needs the running "
@@ -67,6 +73,7 @@ class BNSLoss:
 
     def _hook(self, module: nn.Module, inputs):
         x = inputs[0]
+        check_batch(x)  # an empty batch has no statistics: ValueError on either path
         m = x.numel() // x.size(1)
         if self.fused:
             x_tap, mean, var = batch_stats(x, tap=True)
