@@ -92,3 +92,25 @@ def test_cifar_resnet20_centers_are_classified_as_their_class():
         centers = make_centers(bns, (3, 32, 32), 10, hp, seed=0, batch_size=256)
     with torch.no_grad():
         assert (model(centers).argmax(1) == torch.arange(10)).float().mean() >= 0.9
+
+
+def test_centers_start_on_the_models_device():
+    """make_centers draws its noise on the CPU (the same numbers everywhere) and optimises it on the model's
+    device (the meta device stands in for a GPU: no optimisation steps, which need values)."""
+    from zsqfast.synthesis.centers import make_centers
+
+    model = tiny_bn_model()
+    hp = recipes.resolve("hast", {"center_iterations": 0}, (3, 8, 8), model)
+    with zsqfast.BNSLoss(model) as bns:
+        on_cpu = make_centers(bns, (3, 8, 8), 4, hp, seed=0, batch_size=3)
+    with zsqfast.BNSLoss(model.to("meta")) as bns:
+        on_meta = make_centers(bns, (3, 8, 8), 4, hp, seed=0, batch_size=3)
+    assert on_meta.device.type == "meta" and on_meta.shape == on_cpu.shape == (4, 3, 8, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_calibration_centers_on_cuda():
+    kw = dict(batch_size=4, iterations=3, seed=1, progress=False, input_shape=(3, 8, 8), calibration_centers=True,
+              center_iterations=5)
+    ds = zsqfast.synthesize(tiny_bn_model().cuda(), 8, **kw)
+    assert ds.images.shape == (8, 3, 8, 8) and torch.isfinite(ds.images).all()

@@ -54,3 +54,19 @@ def test_filter_errors():
         zsqfast.filter_images(tiny_bn_model(), torch.randn(4, 3, 8, 8), bn_keep=0.0)
     with pytest.raises(ValueError, match="no BatchNorm2d"):
         zsqfast.filter_images(nn.Sequential(nn.Flatten(), nn.Linear(192, 2)), torch.randn(4, 3, 8, 8))
+
+
+def test_scores_stay_on_the_models_device():
+    """Every score is computed on the images' device (the meta device stands in for a GPU here)."""
+    energy, sens = bn_sensitivity_and_energy(tiny_bn_model().to("meta"), torch.randn(6, 3, 8, 8, device="meta"),
+                                             batch_size=4)
+    assert energy.device.type == sens.device.type == "meta" and sens.shape == (6,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_filter_images_on_cuda_equals_cpu():
+    model, x = tiny_bn_model(), torch.randn(10, 3, 8, 8)
+    cpu = zsqfast.filter_images(model, x, batch_size=4)
+    gpu = zsqfast.filter_images(model.cuda(), x.cuda(), batch_size=4)
+    assert torch.allclose(gpu.bn_sensitivity.cpu(), cpu.bn_sensitivity, rtol=1e-4, atol=1e-8)
+    assert torch.allclose(gpu.energy.cpu(), cpu.energy, rtol=1e-4, atol=1e-6)

@@ -37,14 +37,16 @@ def _optimizer(x, lr, min_lr, patience):
 
 def make_centers(bns: BNSLoss, shape, num_classes: int, hp: dict, seed: int, batch_size: int,
                  forward=None, bar=None) -> torch.Tensor:
-    """The calibration centers, float32 (num_classes, C, H, W), image k of class k (deterministic in seed)."""
+    """The calibration centers, float32 (num_classes, C, H, W) on the model's device, image k of class k
+    (deterministic in seed: the noise is drawn on the CPU, as for the batches, then moved there)."""
     weights = [hp["center_deep_weight"] if d else hp["center_shallow_weight"] for d in deep_mask(len(bns.layers))]
     forward = forward or bns
+    device = bns.layers[0].running_mean.device  # the model's
     out = []
     for chunk, start in enumerate(range(0, num_classes, batch_size)):
-        y = torch.arange(start, min(start + batch_size, num_classes))
+        y = torch.arange(start, min(start + batch_size, num_classes), device=device)
         g = torch.Generator().manual_seed(seed * 1_000_003 + 500_009 + chunk)  # a stream no batch uses
-        x = torch.randn((len(y),) + tuple(shape), generator=g).requires_grad_(True)
+        x = torch.randn((len(y),) + tuple(shape), generator=g).to(device).requires_grad_(True)
         opt, sched = _optimizer(x, hp["center_lr"], hp["center_min_lr"], hp["patience"])
         for _ in range(hp["center_iterations"]):
             opt.zero_grad(set_to_none=True)

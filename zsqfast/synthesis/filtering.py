@@ -44,7 +44,8 @@ def _discrepancy(mean, var, rm, rv):
 @torch.no_grad()
 def bn_sensitivity_and_energy(model: nn.Module, images: torch.Tensor, temperature: float = 1.0,
                               batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(energy, bn_sensitivity)``, float64 (N,) each, for images (N, C, H, W) in the model's input space."""
+    """``(energy, bn_sensitivity)``, float64 (N,) each, for images (N, C, H, W) in the model's input space and
+    on its device (the scores stay there)."""
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     if not bns:
         raise ValueError(f"{type(model).__name__} has no BatchNorm2d layer: BN sensitivity needs BatchNorm statistics")
@@ -61,7 +62,7 @@ def bn_sensitivity_and_energy(model: nn.Module, images: torch.Tensor, temperatur
         for xb in images.split(batch_size):
             logits = model(xb).double()
             energies.append(-temperature * torch.logsumexp(logits / temperature, dim=1))
-            total = torch.zeros(len(xb), dtype=torch.float64)
+            total = torch.zeros(len(xb), dtype=torch.float64, device=xb.device)
             for m in bns:
                 s, q, k = sums[m]                       # (B, C) per-sample channel sums, K elements each
                 rm, rv = m.running_mean.double(), m.running_var.double()
