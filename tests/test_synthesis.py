@@ -50,6 +50,22 @@ def test_rejects_a_different_run_in_the_same_directory(tmp_path):
         zsqfast.synthesize(model, 4, out=tmp_path, seed=1, **kw)
 
 
+def test_max_batches_zero_returns_what_is_stored(tmp_path):
+    """max_batches=0 makes no batch: an empty set on a fresh directory (and without one), the stored batches
+    otherwise; a negative count is refused."""
+    model = tiny_bn_model()
+    kw = dict(batch_size=4, iterations=2, seed=3, progress=False, input_shape=(3, 8, 8))
+    for out in (tmp_path, None):
+        empty = zsqfast.synthesize(model, 10, out=out, max_batches=0, **kw)
+        assert empty.images.shape == (0, 3, 8, 8) and empty.labels.dtype == torch.int64 and len(empty) == 0
+        assert empty.meta["batches"] == [] and empty.meta["final_losses"] == []
+    one = zsqfast.synthesize(model, 10, out=tmp_path, max_batches=1, **kw)
+    again = zsqfast.synthesize(model, 10, out=tmp_path, max_batches=0, **kw)
+    assert torch.equal(again.images, one.images) and again.meta["computed"] == []
+    with pytest.raises(ValueError, match="max_batches"):
+        zsqfast.synthesize(model, 10, max_batches=-1, **kw)
+
+
 def test_incomplete_set_cannot_be_loaded(tmp_path):
     zsqfast.synthesize(tiny_bn_model(), 8, out=tmp_path, batch_size=4, iterations=1, max_batches=1,
                        progress=False, input_shape=(3, 8, 8))

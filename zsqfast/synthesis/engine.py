@@ -30,7 +30,9 @@ resumed (same ``out``) produces exactly the images of an uninterrupted run. Insi
 :data:`CHECKPOINT_SECONDS` to ``out/partial_<b>.pt`` (removed once the batch's shard is written), so an
 interruption loses at most that much work and the resumed batch continues exactly where it stopped. Under ``torchrun`` each rank
 takes the batches b with b % world_size == rank, writes their shards, and rank 0 merges one index: the result
-equals a single-process run with the same seed (same thread count and precision).
+equals a single-process run with the same seed (same thread count and precision). Calibration centers are
+deterministic in the seed: every rank that needs them makes them itself (or loads the stored ones; rank 0
+stores them), none waits for another's.
 """
 from __future__ import annotations
 
@@ -146,8 +148,9 @@ def _progress(total: int, enabled: bool, desc: str = "synthesis"):
 
 def _dist_context(distributed):
     """``(rank, world_size, barrier, agree)``: torch.distributed's when it is initialised (or asked for), else
-    one process. ``agree(error_or_None)`` raises the same ValueError on every rank when any rank has one (so
-    that no rank waits forever at a barrier another rank will never reach)."""
+    one process. ``agree(error_or_None, exc=ValueError)`` (a collective: every rank calls it) raises the same
+    ``exc`` on every rank when any rank has an error message (so that no rank waits forever at a barrier
+    another rank will never reach)."""
     import torch.distributed as dist
 
     use = dist.is_available() and dist.is_initialized() if distributed is None else bool(distributed)
@@ -155,17 +158,17 @@ def _dist_context(distributed):
         raise RuntimeError("distributed=True needs torch.distributed initialised (e.g. run under torchrun and call "
                            "torch.distributed.init_process_group first)")
 
-    def agree_local(err):
+    def agree_local(err, exc=ValueError):
         if err:
-            raise ValueError(err)
+            raise exc(err)
 
     if not use or dist.get_world_size() == 1:
         return 0, 1, lambda: None, agree_local
 
-    def agree(err):
+    def agree(err, exc=ValueError):
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, err)
-        agree_local(next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None))
+        agree_local(next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None), exc)
 
     return dist.get_rank(), dist.get_world_size(), dist.barrier, agree
 
@@ -359,11 +362,16 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
         precision: ``"fp32"`` or ``"bf16"`` (autocast of the model's forward and backward; opt-in).
         channels_last: run convolutions on channels-last images and weights (faster on CPU and GPU).
         progress: a progress bar (tqdm) with batch, iteration count and loss (rank 0 only).
-        max_batches: stop after this many new batches (per process; the rest can be resumed later).
+        max_batches: stop after this many new batches (per process; the rest can be resumed later); 0 makes
+            none (returns what ``out`` already holds).
         distributed: split the batches over the ranks of torch.distributed (None: when it is initialised);
             needs ``out`` (the shared directory the ranks write to). Every rank returns the whole set.
     Returns:
-        SyntheticDataset of the batches done (all of them unless ``max_batches`` stopped early).
+        SyntheticDataset of the batches done (all of them unless ``max_batches`` stopped early; no image,
+        shape (0, C, H, W), when none is done).
+    Raises:
+        FloatingPointError when a batch's loss stops being finite; under several ranks on every rank (the
+        others first finish and store their batches), so that none is left waiting at a barrier.
     """
     if calibration_centers and not recipes.METHODS.get(method, {"bns_form": "auto"})["bns_form"]:
         raise ValueError(f"calibration_centers needs a BN-statistics method, not {method!r}")
@@ -377,7 +385,10 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if calibration_centers and not hp["bns_form"]:  # "auto" resolved to psaq-vit
         raise ValueError(f"calibration_centers needs a BN-statistics method, not {method!r}")
+    if max_batches is not None and max_batches < 0:
+        raise ValueError(f"max_batches must be >= 0 (None: all), got {max_batches}")
     rank, world, barrier, agree = _dist_context(distributed)
+    diverged = None  # this rank's non-finite loss (several ranks: every rank raises it after its batches)
     if world > 1 and out is None:
         raise ValueError("a multi-process synthesis needs out= (a directory every rank can write)")
     device = next(model.parameters()).device
@@ -412,33 +423,32 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
             n_center_its = hp["center_iterations"] * -(-num_classes // batch_size)
             bar = _progress(len(todo) * iterations + (n_center_its if need_centers and centers is None else 0),
                             progress and rank == 0)
-            if calibration_centers and world > 1:  # rank 0 makes the centers once, the others load them
-                if rank == 0 and store.load_tensor("centers.pt") is None:
-                    store.save_tensor("centers.pt", make_centers(obj.bns, shape, num_classes, hp, seed, batch_size,
-                                                                 obj.forward, bar))
-                barrier()
-                centers = store.load_tensor("centers.pt") if need_centers else None
-            elif need_centers and centers is None:
+            if need_centers and centers is None:  # deterministic in seed: every rank makes the same ones
                 centers = make_centers(obj.bns, shape, num_classes, hp, seed, batch_size, obj.forward, bar)
-                if store:
+                if store and rank == 0:  # one writer
                     store.save_tensor("centers.pt", centers)
             if centers is not None:
                 obj.targets = center_statistics(obj.bns, centers.to(device), batch_size, obj.forward)
             results = {}
-            for b in todo:
-                batch = min(batch_size, num_images - b * batch_size)
-                x, y, final = _synthesize_batch(obj, shape, num_classes, b, batch, seed, iterations, channels_last,
-                                             device, bar, store)
-                if store:
-                    store.save_batch(index, b, x, y, final, sidecar=world > 1)
-                    (store.root / _partial_name(b)).unlink(missing_ok=True)  # the shard supersedes it
-                results[b] = (x.cpu(), y, final)
+            try:
+                for b in todo:
+                    batch = min(batch_size, num_images - b * batch_size)
+                    x, y, final = _synthesize_batch(obj, shape, num_classes, b, batch, seed, iterations,
+                                                    channels_last, device, bar, store)
+                    if store:
+                        store.save_batch(index, b, x, y, final, sidecar=world > 1)
+                        (store.root / _partial_name(b)).unlink(missing_ok=True)  # the shard supersedes it
+                    results[b] = (x.cpu(), y, final)
+            except FloatingPointError as e:  # raised on every rank below, where the others would wait for it
+                if world == 1:
+                    raise
+                diverged = str(e)
             if bar is not None:
                 bar.close()
         finally:
             obj.close()
     if store:
-        barrier()
+        agree(diverged, FloatingPointError)  # the ranks meet here (a barrier), and raise together
         if world > 1:
             if rank == 0:
                 store.merge(index)
@@ -450,4 +460,6 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
             results[b] = (x, y, entries[str(b)]["final_loss"])
     order = sorted(results)
     meta = dict(meta, final_losses=[results[b][2] for b in order], batches=order, computed=todo)
+    if not order:  # max_batches=0 and nothing stored yet
+        return SyntheticDataset(torch.empty((0,) + shape), torch.empty(0, dtype=torch.int64), meta)
     return SyntheticDataset(torch.cat([results[b][0] for b in order]), torch.cat([results[b][1] for b in order]), meta)
