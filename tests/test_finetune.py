@@ -69,6 +69,79 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert (tmp_path / "log.jsonl").read_text().count("\n") == 3
 
 
+KD_RUN = dict(method="kd", epochs=3, batch_size=8, lr=1e-3, progress=False, seed=2)
+
+
+def _earlier_checkpoint(path, ddp=False):
+    """Rewrite ``path`` as earlier versions wrote it: identity method/epochs/seed/act_ste only; under DDP the
+    weights of the wrapper ("module." keys)."""
+    state = torch.load(path, weights_only=True)
+    keep = ("model", "optimizer", "scheduler", "epoch", "history", "method", "epochs", "seed", "act_ste")
+    state = {k: state[k] for k in keep}
+    if ddp:
+        state["model"] = {"module." + k: v for k, v in state["model"].items()}
+    torch.save(state, path)
+
+
+def _same_weights(a, b):
+    return all(torch.equal(v1, v2) for v1, v2 in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_resume_refuses_another_run_naming_what_differs(tmp_path):
+    """Another batch size, data set, learning rate or number of processes is not resumed silently (the cosine
+    schedule's length would come from the checkpoint); the error names each difference."""
+    fp, q, images, labels = _models()
+    zsqfast.finetune(fp, q, (images, labels), out=tmp_path, stop_after=1, **KD_RUN)
+    for change, key in ((dict(batch_size=4), "batch_size"), (dict(lr=1e-2), "lr"), (dict(tau=0.9), "tau"),
+                        (dict(fa_layers=["3"]), "fa_layers")):
+        fp, q, images, labels = _models()
+        with pytest.raises(ValueError, match=f"different run \\(.*{key}: "):
+            zsqfast.finetune(fp, q, (images, labels), out=tmp_path, **dict(KD_RUN, **change))
+    fp, q, images, labels = _models()
+    with pytest.raises(ValueError, match="num_images: 24 there, 16 now; data: "):
+        zsqfast.finetune(fp, q, (images[:16], labels[:16]), out=tmp_path, **KD_RUN)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    torch.save(dict(state, world_size=2), tmp_path / "checkpoint.pt")  # as if written by 2 ranks
+    with pytest.raises(ValueError, match="world_size: 2 there, 1 now.*number of processes"):
+        zsqfast.finetune(fp, q, (images, labels), out=tmp_path, **KD_RUN)
+
+
+@pytest.mark.parametrize("ddp", [False, True])
+def test_checkpoint_of_an_earlier_version_resumes(tmp_path, ddp):
+    """A checkpoint without the newer identity keys resumes exactly (only what it holds is checked), also one
+    of a DDP run that saved the wrapper's "module."-prefixed weights."""
+    fp, q_full, images, labels = _models()
+    zsqfast.finetune(fp, q_full, (images, labels), **KD_RUN)
+    fp, q, images, labels = _models()
+    zsqfast.finetune(fp, q, (images, labels), out=tmp_path, stop_after=1, **KD_RUN)
+    _earlier_checkpoint(tmp_path / "checkpoint.pt", ddp)
+    fp, q, images, labels = _models()
+    res = zsqfast.finetune(fp, q, (images, labels), out=tmp_path, **KD_RUN)
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2, 3] and _same_weights(q, q_full)
+    assert "world_size" in torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # written anew
+
+
+def test_ddp_checkpoint_holds_the_unwrapped_model(tmp_path):
+    """Under DDP (here one gloo process) the checkpoint holds the student's own weights, so one process (without
+    torchrun) resumes it when the number of processes is the same."""
+    import torch.distributed as dist
+
+    fp, q_full, images, labels = _models()
+    zsqfast.finetune(fp, q_full, (images, labels), **KD_RUN)
+    fp, q, images, labels = _models()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        zsqfast.finetune(fp, nn.parallel.DistributedDataParallel(q), (images, labels), out=tmp_path / "ft",
+                         stop_after=1, **KD_RUN)
+    finally:
+        dist.destroy_process_group()
+    state = torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state["model"]) and state["world_size"] == 1
+    fp, q, images, labels = _models()
+    zsqfast.finetune(fp, q, (images, labels), out=tmp_path / "ft", **KD_RUN)
+    assert _same_weights(q, q_full)
+
+
 def test_divergence_is_reported():
     fp, q, images, labels = _models()
     with pytest.raises(FloatingPointError, match="lower lr"):

@@ -105,3 +105,23 @@ def test_ddp_resume_when_one_rank_missed_the_last_checkpoint(tmp_path):
     torch.save(dict(state, seed=state["seed"] + 1), r1 / "checkpoint.pt")
     out = _torchrun(run, "finetune-only", "all", timeout=120, fails=True)
     assert out.count("ValueError: ") >= 2 and "belongs to a different run" in out, out[-3000:]
+
+
+def test_ddp_refuses_a_one_process_checkpoint(tmp_path):
+    """A fine-tuning checkpoint of one process (here as earlier versions wrote it: no world_size, weights
+    without "module.") is not silently restarted from scratch by 2 ranks, overwriting it: every rank raises,
+    naming the number of processes."""
+    import zsqfast
+
+    from ._tiny import tiny_images, tiny_model
+    from .test_finetune import _earlier_checkpoint
+
+    fp = tiny_model()
+    images, labels = tiny_images(32)
+    with num_threads(1):  # tests/_ddp_worker.py finetune_only's run, in one process
+        zsqfast.finetune(fp, zsqfast.quantize_model(fp, 4, 4), (images, labels), method="kd", epochs=3, batch_size=8,
+                         out=tmp_path / "ft", stop_after=1, lr=1e-3, calib_batches=1, progress=False)
+    _earlier_checkpoint(tmp_path / "ft" / "checkpoint.pt")
+    out = _torchrun(tmp_path, "finetune-only", "all", timeout=120, fails=True)
+    assert out.count("ValueError: ") >= 2 and "world_size: 1 there, 2 now" in out, out[-3000:]
+    assert torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["epoch"] == 1  # left as it was

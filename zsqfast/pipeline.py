@@ -32,7 +32,6 @@ evaluation and export give the same result on every rank and rank 0 writes them.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import numbers
 import sys
@@ -53,7 +52,7 @@ from .integer_io import load_integer_model, save_integer_model
 from .nn.quant_layers import resolve_bits
 from .quantize_model import calibrate, quantize_model
 from .synthesis import SyntheticDataset, synthesize
-from .synthesis.engine import model_fingerprint, resolve_method
+from .synthesis.engine import model_fingerprint, resolve_method, tensor_hash
 from .synthesis.recipes import DEFAULT_BATCH
 
 STAGES = ("synthesize", "quantize", "finetune", "export")
@@ -72,14 +71,6 @@ class QuantizeResult:
     metrics: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     out: Path | None = None
-
-
-def _tensor_hash(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 _SYNTH_KEYS = ("model", "seed", "num_images", "synth_iterations", "synth_method", "synth_batch_size", "synth_options")
@@ -282,9 +273,9 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
         config.update(num_images=num_images, synth_iterations=synth_iterations, synth_method=synth_method,
                       synth_batch_size=synth_batch_size, synth_options=dict(synth_options or {}))
     else:
-        config.update(data=_tensor_hash(dataset.images, dataset.labels), num_images=len(dataset.labels))
+        config.update(data=tensor_hash(dataset.images, dataset.labels), num_images=len(dataset.labels))
     student = build_quantized(fp, config)  # an unsupported model fails here, before out/ is written
-    eval_key = _tensor_hash(*eval_data) if eval_data is not None else None
+    eval_key = tensor_hash(*eval_data) if eval_data is not None else None
     man = Manifest(out, config)
     if dataset is not None and out is not None and not isinstance(data, (str, Path)) and zdist.rank() == 0 \
             and not (out / "synthetic.pt").exists():  # keep a copy of the given set with the run

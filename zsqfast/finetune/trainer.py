@@ -30,7 +30,8 @@ range (values ~1e11) and accuracy fell to 26.9 % (RTN 54.7 %); the loss fell for
 BatchNorm stays in eval mode. ``channels_last`` (None: auto) runs the
 steps on channels-last batches on the CPU, faster there, NCHW for models that cannot take them
 (:mod:`zsqfast.finetune.layout`).
-Checkpoints (atomic) after every epoch in ``out`` allow an interrupted run to resume exactly; ``out/log.jsonl``
+Checkpoints (atomic) after every epoch in ``out`` allow an interrupted run to resume exactly (a checkpoint of
+another run, i.e. other settings, data or number of processes, is refused, naming what differs); ``out/log.jsonl``
 holds one JSON line per epoch; evaluation on a held-out set runs every epoch and the final epoch's accuracy is
 reported (no selection of the best epoch on test data).
 """
@@ -48,11 +49,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from ..nn import QuantAct
 from ..ops.lowpass import gaussian_lowpass
 from ..quantize_model import calibrate
-from ..synthesis.engine import _progress
+from ..synthesis.engine import _progress, tensor_hash
 from .._fileio import atomic_write_bytes
 from .gradcam import cam_from_activation, cam_loss_from_activation, capture
 from .layout import call_channels_last
@@ -176,7 +178,8 @@ def finetune(fp_model: nn.Module, q_model: nn.Module, dataset, *, method: str = 
         dataset: a SyntheticDataset or ``(images, labels)``: float (N, C, H, W) and int64 (N,).
         method: ``"kd"`` or ``"synq"``; ``options`` override :data:`DEFAULTS`.
         eval_data: optional held-out ``(images, labels)`` evaluated after every epoch.
-        out: directory for ``checkpoint.pt`` and ``log.jsonl``; an existing checkpoint is resumed.
+        out: directory for ``checkpoint.pt`` and ``log.jsonl``; an existing checkpoint is resumed (ValueError
+            when it belongs to another run: :func:`_run_identity`).
         stop_after: run at most this many epochs in this call (the rest resumes from ``out`` later).
     Returns:
         ``{"epochs": [per-epoch dicts], "final_accuracy": float or None}``; ``q_model`` is trained in place.
@@ -222,15 +225,49 @@ def activation_ste(model: nn.Module, ste: str):
 
 PREVIOUS = "checkpoint_prev.pt"  # under DDP: each rank's checkpoint of the epoch before its last
 OLD_RUN_KEYS = {"act_ste": "identity"}  # what checkpoints from before a key existed were trained with
+#: the resolved options that change the training, part of the run identity a checkpoint must match
+RUN_OPTIONS = ("lr", "momentum", "weight_decay", "temperature", "alpha", "lambda_ce", "lambda_cam", "tau", "d0",
+               "augment", "lambda_fa", "fa_layers", "promote_eps")
+
+
+def _run_identity(method, epochs, seed, batch_size, world_size, images, labels, opt) -> dict:
+    """What a checkpoint must match to be resumed: the run's settings, this process's data (count and hash)
+    and :data:`RUN_OPTIONS` (as plain floats / lists: the checkpoint is loaded with ``weights_only``)."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return list(v)
+        return float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
+    return dict(method=method, epochs=epochs, seed=seed, act_ste=opt["act_ste"], world_size=world_size,
+                batch_size=batch_size, num_images=len(images), data=tensor_hash(images, labels),
+                **{k: plain(opt[k]) for k in RUN_OPTIONS})
+
+
+def _differences(state: dict, run: dict) -> list[str]:
+    """The identity keys on which checkpoint ``state`` and ``run`` differ, as "key: stored there, now". A key that
+    checkpoints of earlier versions lack is checked only when it is known what they were trained with:
+    :data:`OLD_RUN_KEYS`, and world_size 1 for weights without DDP's "module." prefix (one process)."""
+    old = dict(OLD_RUN_KEYS)
+    if not any(k.startswith("module.") for k in state["model"]):
+        old["world_size"] = 1
+    stored = {k: state[k] if k in state else old[k] for k in run if k in state or k in old}
+    return [f"{k}: {stored[k]!r} there, {v!r} now" for k, v in run.items() if k in stored and stored[k] != v]
+
+
+def _load_weights(model: nn.Module, weights: dict) -> None:
+    """Load a checkpoint's weights into the (unwrapped) student; those saved from a DDP wrapper (before
+    checkpoints held the unwrapped model) lose their "module." prefix."""
+    if set(weights) != set(model.state_dict()):
+        consume_prefix_in_state_dict_if_present(weights, "module.")
+    model.load_state_dict(weights)
 
 
 def _resume_state(ckpt: Path, ddp: bool, run: dict) -> dict | None:
-    """The checkpoint to resume from (None: start afresh), checked to belong to ``run`` (its method, epochs,
-    seed, act_ste) or ValueError. One process: ``ckpt`` if it exists. Under DDP every rank must resume at the
-    same epoch, but a run killed between the ranks' epoch-end writes leaves some ranks one epoch ahead: all
-    ranks take the smallest of their newest epochs, each from ``ckpt`` or the previous one it kept
-    (:data:`PREVIOUS`); when one rank has no checkpoint of that epoch, or one of another run, every rank
-    raises (none is left waiting at a collective)."""
+    """The checkpoint to resume from (None: start afresh), checked to belong to ``run`` (:func:`_run_identity`)
+    or ValueError naming the keys that differ. One process: ``ckpt`` if it exists. Under DDP every rank must
+    resume at the same epoch, but a run killed between the ranks' epoch-end writes leaves some ranks one epoch
+    ahead: all ranks take the smallest of their newest epochs, each from ``ckpt`` or the previous one it kept
+    (:data:`PREVIOUS`); when one rank has no checkpoint of that epoch, or any checkpoint of another run (e.g.
+    one written by another number of processes), every rank raises (none is left waiting at a collective)."""
     states = {}
     for path in (ckpt, ckpt.with_name(PREVIOUS)) if ddp else (ckpt,):
         if path.exists():
@@ -242,16 +279,19 @@ def _resume_state(ckpt: Path, ddp: bool, run: dict) -> dict | None:
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         epoch = int(agreed)
     state = states.get(epoch)
+    differ = list(dict.fromkeys(d for s in states.values() for d in _differences(s, run)))  # ckpt and PREVIOUS
     flags = torch.tensor([int(epoch != 0 and state is None),  # no checkpoint of the agreed epoch
-                          int(state is not None and any(state.get(k, OLD_RUN_KEYS.get(k)) != v for k, v in run.items()))])
+                          int(bool(differ))])
     if ddp:
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags[1]:
+        what = f"{ckpt} belongs to a different run ({'; '.join(differ)})" if differ else \
+            "another rank's checkpoint belongs to a different run (that rank's error says what differs)"
+        raise ValueError(f"{what}: resume with the settings, data and number of processes it was written with, "
+                         "or use another out directory")
     if flags[0]:
         raise ValueError(f"the ranks' fine-tuning checkpoints ({ckpt.parent}, ...) hold no common epoch (this rank: "
                          f"epochs {sorted(states)}, agreed {epoch}); use another out directory")
-    if flags[1]:
-        raise ValueError(f"{ckpt} (or another rank's) belongs to a different run "
-                         f"({'/'.join(run)}); use another out directory")
     return state
 
 
@@ -265,11 +305,14 @@ def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, see
     out = Path(out) if out is not None else None
     ckpt = out / "checkpoint.pt" if out is not None else None
     ddp = isinstance(q_model, nn.parallel.DistributedDataParallel)
-    history, start = [], 0
-    run = dict(method=method, epochs=epochs, seed=seed, act_ste=opt["act_ste"])  # what a checkpoint must match
-    state = _resume_state(ckpt, ddp, run) if ckpt is not None else None
+    student = q_model.module if ddp else q_model  # checkpoints hold its weights, without DDP's "module." prefix
+    history, start, state = [], 0, None
+    if ckpt is not None:
+        run = _run_identity(method, epochs, seed, batch_size, dist.get_world_size() if ddp else 1, images, labels,
+                            opt)
+        state = _resume_state(ckpt, ddp, run)
     if state is not None:
-        q_model.load_state_dict(state["model"])
+        _load_weights(student, state["model"])
         sgd.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         history, start = state["history"], state["epoch"]
@@ -327,7 +370,7 @@ def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, see
             if out is not None:
                 if ddp and ckpt.exists():  # keep the last one: another rank may not get to write this epoch's
                     ckpt.replace(ckpt.with_name(PREVIOUS))
-                state = dict(model=q_model.state_dict(), optimizer=sgd.state_dict(), scheduler=sched.state_dict(),
+                state = dict(model=student.state_dict(), optimizer=sgd.state_dict(), scheduler=sched.state_dict(),
                              epoch=epoch + 1, history=history, **run)
                 atomic_write_bytes(ckpt, lambda f: torch.save(state, f))
                 atomic_write_bytes(out / "log.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in history).encode()))

@@ -99,6 +99,15 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def tensor_hash(*tensors: torch.Tensor) -> str:
+    """A short hash of the tensors' shapes and values (e.g. a data set's images and labels)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _input_shape(model: nn.Module, input_shape) -> tuple[int, int, int]:
     if input_shape is not None:
         return tuple(int(s) for s in input_shape)
