@@ -221,3 +221,53 @@ def test_interrupted_inside_a_batch_resumes_exactly(tmp_path, monkeypatch):
     assert calls == [(1, 4), (1, 5)]                       # only the missing iterations of batch 1
     assert torch.equal(resumed.images, full.images) and torch.equal(resumed.labels, full.labels)
     assert not list(tmp_path.glob("partial_*")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_progress_bar_of_a_resumed_batch_starts_at_its_checkpoint(tmp_path, monkeypatch):
+    """A run resumed inside a batch: the bar is created with tqdm's initial= at the iterations the checkpoint
+    holds, so they count towards the position but not as iterations done now (it/s, ETA); without tqdm the
+    resumed run still works."""
+    pytest.importorskip("tqdm")
+    import shutil
+    import sys
+
+    from zsqfast.synthesis import engine
+
+    model = tiny_bn_model()
+    kw = dict(batch_size=4, iterations=6, seed=7, input_shape=(3, 8, 8))
+    full = zsqfast.synthesize(model, 8, progress=False, **kw)
+    monkeypatch.setattr(engine, "CHECKPOINT_SECONDS", 0.0)
+    real_step = engine._Batch.step
+
+    def dying_step(self, it=0):
+        if self.b == 1 and it == 4:
+            raise KeyboardInterrupt
+        return real_step(self, it)
+
+    with monkeypatch.context() as m:
+        m.setattr(engine._Batch, "step", dying_step)
+        with pytest.raises(KeyboardInterrupt):
+            zsqfast.synthesize(model, 8, out=tmp_path / "a", progress=False, **kw)
+    assert (tmp_path / "a" / "partial_00001.pt").exists()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    real_progress, bars, updates = engine._progress, [], []
+
+    def recording_progress(*a, **k):
+        bar = real_progress(*a, **k)
+        real_update = bar.update
+        bar.update = lambda n=1: (updates.append(n), real_update(n))[1]
+        bars.append(bar)
+        return bar
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "_progress", recording_progress)
+        resumed = zsqfast.synthesize(model, 8, out=tmp_path / "a", progress=True, **kw)
+    (bar,) = bars  # batch 1 only: 6 iterations, 4 of them from the checkpoint
+    assert (bar.total, bar.initial, bar.n) == (6, 4, 6)
+    assert updates == [1, 1]  # only the two iterations run by this call
+    assert torch.equal(resumed.images, full.images)
+    with monkeypatch.context() as m:  # no tqdm: no bar, same images
+        m.setitem(sys.modules, "tqdm.auto", None)
+        assert engine._progress(6, True, initial=4) is None
+        resumed = zsqfast.synthesize(model, 8, out=tmp_path / "b", progress=True, **kw)
+    assert torch.equal(resumed.images, full.images)

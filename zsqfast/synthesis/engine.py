@@ -145,14 +145,16 @@ def resolve_method(model: nn.Module, method: str) -> str:
     return method
 
 
-def _progress(total: int, enabled: bool, desc: str = "synthesis"):
+def _progress(total: int, enabled: bool, desc: str = "synthesis", initial: int = 0):
+    """A tqdm bar of ``total`` iterations, ``initial`` of them already done by an earlier (resumed) run: they
+    count towards the position but not towards the rate and the ETA. None when disabled or without tqdm."""
     if not enabled or total == 0:
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit="it", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit="it", file=sys.stderr, dynamic_ncols=True)
 
 
 def _dist_context(distributed):
@@ -275,6 +277,18 @@ def _save_partial(store, state: "_Batch", it: int, loss_value: float) -> None:
     atomic_write_bytes(store.root / _partial_name(state.b), lambda f: torch.save(payload, f))
 
 
+def _partial_iterations(store, b: int) -> int:
+    """Iterations batch ``b``'s checkpoint holds (0 when none, or unreadable: loading it then reports that), read
+    memory-mapped: its tensors are not loaded."""
+    p = store.root / _partial_name(b)
+    if not p.exists():
+        return 0
+    try:
+        return int(torch.load(p, map_location="cpu", weights_only=True, mmap=True)["it"])
+    except Exception:
+        return 0
+
+
 def _load_partial(store, state: "_Batch") -> tuple[int, float]:
     """Restore a batch from its checkpoint; returns (iterations done, last loss) ((0, nan) when none)."""
     p = store.root / _partial_name(state.b)
@@ -293,9 +307,8 @@ def _load_partial(store, state: "_Batch") -> tuple[int, float]:
 def _synthesize_batch(obj: _Objective, shape, num_classes: int, b: int, batch: int, seed: int, iterations: int,
                       channels_last: bool, device, bar, store=None) -> tuple[torch.Tensor, torch.Tensor, float]:
     state = _Batch(obj, shape, num_classes, b, batch, seed, channels_last, device, iterations)
+    # the bar already counts the iterations the checkpoint holds (synthesize() creates it with initial=)
     start, loss_value = _load_partial(store, state) if store is not None else (0, float("nan"))
-    if bar is not None and start:
-        bar.update(start)
     last = time.monotonic()
     for it in range(start, iterations):
         loss_value = state.step(it)
@@ -430,8 +443,10 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
             need_centers = calibration_centers and (todo or store is None)
             centers = store.load_tensor("centers.pt") if (store and need_centers) else None
             n_center_its = hp["center_iterations"] * -(-num_classes // batch_size)
+            show = progress and rank == 0
+            resumed_its = sum(_partial_iterations(store, b) for b in todo) if show and store is not None else 0
             bar = _progress(len(todo) * iterations + (n_center_its if need_centers and centers is None else 0),
-                            progress and rank == 0)
+                            show, initial=resumed_its)
             if need_centers and centers is None:  # deterministic in seed: every rank makes the same ones
                 centers = make_centers(obj.bns, shape, num_classes, hp, seed, batch_size, obj.forward, bar)
                 if store and rank == 0:  # one writer
