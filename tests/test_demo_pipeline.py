@@ -68,3 +68,38 @@ def test_demo_digits_end_to_end(tmp_path):
             im.load()
             assert im.size == (w, h)
             assert len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 3  # a picture, not a blank canvas
+
+
+def test_demo_rerun_reports_this_runs_times_and_marks_reused_stages(tmp_path, monkeypatch, capsys):
+    """A second demo in the same folder resumes every stage in ~0 s: its wall times are this run's, and each
+    reused stage says so (with the fine-tuning time of the earlier run, marked as such)."""
+    import re
+
+    import zsqfast.demo
+    from zsqfast import demo_pipeline
+
+    monkeypatch.setenv("ZSQFAST_DATA", str(tmp_path / "no-data-here"))
+    monkeypatch.setitem(demo_pipeline.BUDGETS, "digits", {"quick": (64, 2, 1)})
+    monkeypatch.setattr(zsqfast.demo, "train_digits", lambda *a, **k: zsqfast.demo.DigitsCNN().eval())
+    monkeypatch.setattr(demo_pipeline, "_speed_lines", lambda shape: ["(kernel speed skipped)"])
+    out = tmp_path / "demo"
+
+    def run():
+        demo_pipeline.run_pipeline_demo(quick=True, data=str(tmp_path / "no-data-here"), out=str(out),
+                                        progress=False)
+        (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.lower().startswith("wall time")]
+        m = re.search(r"synthesis ([\d.]+) s(.*), KD ([\d.]+) s(.*), SynQ ([\d.]+) s(.*?),? total ([\d.]+) s", line)
+        assert m, line
+        t_synth, t_kd, t_sq, total = (float(m[i]) for i in (1, 3, 5, 7))
+        assert t_synth + t_kd + t_sq <= total + 0.21, line  # this run's times add up (each rounded to 0.1 s)
+        return line, (m[2], m[4], m[6])
+
+    first, notes = run()
+    assert not any("reused" in note for note in notes), first
+    line, (synth, kd, sq) = run()
+    assert synth == f" (reused from an earlier run in {out / 'synthetic'})", line
+    for note, method in ((kd, "kd"), (sq, "synq")):
+        assert re.fullmatch(rf" \(reused from an earlier run in {re.escape(str(out / method))}; its fine-tuning "
+                            r"took [\d.]+ s then\)", note), line
+    assert line.split(": ", 1)[1].split(", total")[0] in (out / "report.md").read_text()  # the report says the same
+    assert all(note.startswith(" (fine-tuning ") for note in notes[1:]), first  # the first run's own figure

@@ -253,6 +253,31 @@ def test_deleted_artifact_is_made_again(tmp_path, monkeypatch, reference):
     assert _same(res.model.state_dict(), ref.model.state_dict())
 
 
+def test_finetune_time_is_the_fine_tuning_and_reused_stages_are_named(tmp_path, monkeypatch):
+    """``finetune_time_s`` times the fine-tuning, not the final evaluation and the save of model.pt (a fake clock
+    that only those advance); a call on a finished ``out/`` names the stages it took from there."""
+    import types
+
+    clock = [0.0]
+
+    def advancing(fn, seconds):
+        def wrapped(*a, **k):
+            clock[0] += seconds
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(pipeline, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(pipeline, "evaluate", advancing(pipeline.evaluate, 100.0))
+    monkeypatch.setattr(pipeline, "save_model", advancing(pipeline.save_model, 1000.0))
+    res = _run(tmp_path, epochs=1)
+    assert res.metrics["finetune_time_s"] == 0.0 and res.reused == ()
+    stored = json.loads((tmp_path / "manifest.json").read_text())["stages"]["finetune"]
+    assert stored["time_s"] == 0.0 and "final_accuracy" in stored["metrics"]
+    again = _run(tmp_path, epochs=1)
+    assert again.reused == ("synthesize", "quantize", "finetune") and again.metrics == res.metrics
+    assert _run(tmp_path, epochs=1, export=True).reused == ("synthesize", "quantize", "finetune")
+
+
 def test_artifacts_have_ordinary_permissions(reference):
     ref_out, _ = reference
     mask = os.umask(0)

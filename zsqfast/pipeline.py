@@ -63,7 +63,10 @@ MANIFEST = "manifest.json"
 class QuantizeResult:
     """What :func:`quantize` returns: the fake-quantized fine-tuned model, the zero-shot round-to-nearest
     model, the integer model (``export=True``), metrics (accuracies when ``eval_data`` was given, wall times),
-    the fine-tuning history (per-epoch dicts) and the output directory."""
+    the fine-tuning history (per-epoch dicts), the output directory and ``reused``: the stages this call took
+    from ``out/`` as an earlier call left them instead of running them (their ``<stage>_time_s`` metrics are
+    that earlier call's wall times, not this one's). ``finetune_time_s`` is the fine-tuning itself (per-epoch
+    curve evaluation included), without the final evaluation and the save of model.pt."""
 
     model: nn.Module
     rtn_model: nn.Module
@@ -71,6 +74,7 @@ class QuantizeResult:
     metrics: dict = field(default_factory=dict)
     history: list = field(default_factory=list)
     out: Path | None = None
+    reused: tuple = ()
 
 
 _SYNTH_KEYS = ("model", "seed", "num_images", "synth_iterations", "synth_method", "synth_batch_size", "synth_options")
@@ -284,6 +288,7 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     if isinstance(curve_data, str) and curve_data == "eval_data":
         curve_data = eval_data
     metrics: dict = {}
+    reused = [stage for stage in STAGES if man.done(stage)]  # finished by an earlier call: not run again
 
     # 1. synthesize (resumable per batch inside synthesize(); under torchrun every rank takes its share of
     #    the batches and gets the whole set back)
@@ -341,11 +346,12 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
         else:
             res = finetune(fp, qmodel, dataset, out=ft_out, eval_data=curve_data, **kw)
         history = res["epochs"]
+        seconds = time.perf_counter() - t0  # the fine-tuning only: not the final evaluation and the save below
         m = {"final_accuracy": evaluate(qmodel, *eval_data)} if eval_data is not None else {}
         if out is not None and zdist.rank() == 0:
             save_model(out / "model.pt", qmodel, config)
         zdist.barrier()
-        man.finish("finetune", time.perf_counter() - t0, m, artifact="model.pt", eval_data=eval_key)
+        man.finish("finetune", seconds, m, artifact="model.pt", eval_data=eval_key)
     metrics.update(man.metrics("finetune"))
     # 4. export
     integer_model = None
@@ -361,7 +367,8 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     for stage in STAGES:
         if man.done(stage):
             metrics[f"{stage}_time_s"] = man.data["stages"][stage]["time_s"]
-    return QuantizeResult(qmodel.eval(), rtn.eval(), integer_model, metrics, history, out)
+    reused = tuple(stage for stage in reused if stage != "export" or export)
+    return QuantizeResult(qmodel.eval(), rtn.eval(), integer_model, metrics, history, out, reused)
 
 
 def _read_log(path: Path) -> list:
