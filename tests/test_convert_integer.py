@@ -232,3 +232,82 @@ def test_intconv2d_rejects_wrong_input_channels():
     for c in (15, 17):
         with pytest.raises(ValueError, match="the weight has K=144"):
             m(torch.rand(1, c, 6, 6))
+
+
+class ViewNet(nn.Module):
+    """LeNet / VGG style: ``x.view(B, -1)`` on the last feature map (a channels_last map cannot take it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                               nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(self.f(x).view(x.size(0), -1))
+
+
+def test_view_on_feature_map_runs_nchw(tmp_path):
+    """The integer model of a ``view`` model runs (its IntConv2d return NCHW maps), agrees with the fake-quant
+    model, and keeps that layout through save / load; a model that can take channels_last keeps it."""
+    torch.manual_seed(0)
+    q = fake_quant(ViewNet().eval(), hw=8)
+    x = torch.randn(2, 3, 8, 8)
+    im = zsqfast.convert_to_integer(q, x[:1])
+    with torch.no_grad():
+        want, got = q(x), im(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    convs = [m for m in im.modules() if isinstance(m, IntConv2d)]
+    assert len(convs) == 2 and not any(m.channels_last for m in convs)
+    assert any(m.a_bits is not None for m in convs)
+    zsqfast.save_integer_model(im, tmp_path / "v.safetensors")
+    back = zsqfast.load_integer_model(tmp_path / "v.safetensors", ViewNet)
+    assert not any(m.channels_last for m in back.modules() if isinstance(m, IntConv2d))
+    with torch.no_grad():
+        assert torch.equal(back(x), got)
+    fast = zsqfast.convert_to_integer(fake_quant(zsqfast.models.cifar_resnet(8)))
+    assert all(m.channels_last for m in fast.modules() if isinstance(m, IntConv2d))
+    with torch.no_grad():
+        assert fast.conv1(torch.randn(1, 3, 8, 8)).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_float_layers_reported_and_warned():
+    torch.manual_seed(0)
+    q = zsqfast.quantize_model(ViewNet().eval(), 4, 4, skip=["fc"])
+    zsqfast.calibrate(q, noise_batches(1, (4, 3, 8, 8)), warn=False)
+    with pytest.warns(UserWarning, match=r"not quantized and stay float.*: fc$"):
+        im = zsqfast.convert_to_integer(q, torch.randn(1, 3, 8, 8))
+    rep = zsqfast.integer_report(im)
+    assert rep["float"] == 1 and rep["float_layers"] == ["fc"] and rep["integer"] + rep["weight_only"] == 2
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        im = zsqfast.convert_to_integer(fake_quant(zsqfast.models.cifar_resnet(8)))
+    assert zsqfast.integer_report(im)["float"] == 0
+
+
+class EvenSame(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(3, 4, 2, padding="same"), nn.BatchNorm2d(4)  # even kernel: asymmetric
+        self.r, self.c2 = nn.ReLU(), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.c2(self.r(self.bn(self.c(x)))).mean((2, 3))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_unconvertible_layer_is_named():
+    """The error names the layer (as for a K too large), in convert_to_integer and in the cheap pre-check
+    (no calibration, tracing or packing) that zsqfast.quantize(export=True) runs."""
+    q = zsqfast.quantize_model(EvenSame().eval(), 4, 4)
+    msg = r"^convert_to_integer cannot convert layer 'c' \(QuantConv2d\): padding='same' .*skip=\['c'\]\)$"
+    zsqfast.calibrate(q, noise_batches(1, (4, 3, 8, 8)), warn=False)
+    with pytest.raises(ValueError, match=msg):
+        zsqfast.convert_to_integer(q, torch.randn(1, 3, 8, 8))
+    from zsqfast.convert import check_convertible
+
+    with pytest.raises(ValueError, match=msg):
+        check_convertible(zsqfast.quantize_model(EvenSame().eval(), 4, 4))  # uncalibrated: no trace needed
+    check_convertible(fake_quant(zsqfast.models.cifar_resnet(8)))  # a convertible model passes

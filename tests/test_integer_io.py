@@ -1,6 +1,6 @@
 """Integer model files: the bit-dense codec (zsqfast.ops.lowbit_dense), exact save / load round trips at 2..8
-bits with awkward K, depthwise and grouped convolutions, format-1 files still loading, and clear errors for
-truncated, corrupted or wrong-version files."""
+bits with awkward K, depthwise and grouped convolutions, format-1 and format-2 files still loading, and clear
+errors for truncated, corrupted (data, metadata or tensor headers) or wrong-version files."""
 import json
 
 import pytest
@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 import zsqfast
-from zsqfast.integer_io import saved_weight_bytes
+from zsqfast.convert import FORMAT_VERSION
+from zsqfast.integer_io import _crc32, saved_weight_bytes
 from zsqfast.nn import IntConv2d, IntLinear
 from zsqfast.ops.lowbit_dense import dense_nbytes, pack_dense, unpack_dense
 
@@ -115,11 +116,68 @@ def test_format_1_file_still_loads(tmp_path):
                                                                            "edits": im.zsqfast_integer["edits"]})})
     back = zsqfast.load_integer_model(path, awkward_model)
     assert_identical(im, back, torch.randn(2, 3, 8, 8))
-    assert back.zsqfast_integer["format"] == 2
+    assert back.zsqfast_integer["format"] == FORMAT_VERSION
+
+
+def saved(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["zsqfast_integer"])
+
+
+def test_format_2_file_still_loads(tmp_path):
+    """The previous writer: the checksum covers the tensor bytes only, IntConv2d configs have no
+    channels_last (loaded with the default, channels_last outputs)."""
+    from safetensors.torch import save_file
+
+    im = integer_model(4)
+    zsqfast.save_integer_model(im, tmp_path / "m.safetensors")
+    tensors, meta = saved(tmp_path / "m.safetensors")
+    edits = [dict(e, config={k: v for k, v in e["config"].items() if k != "channels_last"}) if "config" in e else e
+             for e in meta["edits"]]
+    path = tmp_path / "v2.safetensors"
+    for crc, ok in ((_crc32(tensors), True), (_crc32(tensors) ^ 1, False)):
+        save_file(tensors, str(path), metadata={"zsqfast_integer": json.dumps({"format": 2, "crc32": crc,
+                                                                               "edits": edits})})
+        if not ok:
+            with pytest.raises(ValueError, match=r"corrupted integer model file \(format 2\): checksum mismatch"):
+                zsqfast.load_integer_model(path, awkward_model)
+            continue
+        back = zsqfast.load_integer_model(path, awkward_model)
+        assert_identical(im, back, torch.randn(2, 3, 8, 8))
+        assert all(m.channels_last for m in back.modules() if isinstance(m, IntConv2d))
+        assert back.zsqfast_integer["format"] == FORMAT_VERSION
+
+
+def test_checksum_covers_metadata_and_tensor_headers(tmp_path):
+    """A flipped a_bits / stride in the edits, or a renamed or reshaped tensor, with the data untouched, is
+    refused (format 2 loaded the a_bits flip silently, with wrong outputs)."""
+    from safetensors.torch import save_file
+
+    im = integer_model(4)
+    path, bad = tmp_path / "m.safetensors", tmp_path / "bad.safetensors"
+    zsqfast.save_integer_model(im, path)
+    tensors, meta = saved(path)
+    i = next(i for i, e in enumerate(meta["edits"]) if e["op"] == "IntConv2d" and e["config"]["a_bits"] == 4)
+
+    def changed(**cfg):
+        edits = [dict(e) for e in meta["edits"]]
+        edits[i] = dict(edits[i], config=dict(edits[i]["config"], **cfg))
+        return dict(meta, edits=edits)
+
+    k = sorted(tensors)[0]
+    v = tensors[k]
+    for t, m in ((tensors, changed(a_bits=3)), (tensors, changed(stride=[2, 2])),
+                 ({("x" + kk if kk == k else kk): vv for kk, vv in tensors.items()}, meta),
+                 (dict(tensors, **{k: v.reshape(1, *v.shape)}), meta)):
+        save_file(t, str(bad), metadata={"zsqfast_integer": json.dumps(m)})
+        with pytest.raises(ValueError, match=r"corrupted integer model file \(format 3\): checksum mismatch"):
+            zsqfast.load_integer_model(bad, awkward_model)
+    assert meta["format"] == FORMAT_VERSION == 3
 
 
 def test_bad_files_give_clear_errors(tmp_path):
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     im = integer_model(3)
@@ -136,21 +194,18 @@ def test_bad_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="checksum mismatch"):
         zsqfast.load_integer_model(bad, awkward_model)
 
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(f.metadata()["zsqfast_integer"])
+    tensors, meta = saved(path)
     for version in (99, "2", None):
         save_file(tensors, str(bad), metadata={"zsqfast_integer": json.dumps(dict(meta, format=version))})
-        with pytest.raises(ValueError, match=f"file format {version!r}; this zsqfast reads formats 1, 2"):
+        with pytest.raises(ValueError, match=f"file format {version!r}; this zsqfast reads formats 1, 2, 3"):
             zsqfast.load_integer_model(bad, awkward_model)
     save_file(tensors, str(bad), metadata={"zsqfast_integer": "{not json"})
     with pytest.raises(ValueError, match="unreadable 'zsqfast_integer' metadata"):
         zsqfast.load_integer_model(bad, awkward_model)
     # a consistent checksum over wrong content: codes one byte short, then a codes tensor missing
-    from zsqfast.integer_io import _crc32
-
+    covered = {k: v for k, v in meta.items() if k != "crc32"}
     for edit in ({"0.codes": tensors["0.codes"][:-1]}, {"0.codes": None}):
         t = {k: v for k, v in dict(tensors, **edit).items() if v is not None}
-        save_file(t, str(bad), metadata={"zsqfast_integer": json.dumps(dict(meta, crc32=_crc32(t)))})
+        save_file(t, str(bad), metadata={"zsqfast_integer": json.dumps(dict(meta, crc32=_crc32(t, covered)))})
         with pytest.raises(ValueError, match="corrupted integer model file"):
             zsqfast.load_integer_model(bad, awkward_model)

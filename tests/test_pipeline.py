@@ -206,6 +206,17 @@ def test_unsupported_layer_fails_before_synthesis(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()
 
 
+def test_unconvertible_layer_fails_before_synthesis_with_export(tmp_path, monkeypatch):
+    """padding='same' with an even kernel quantizes but cannot become an IntConv2d: with export=True the run
+    stops before out/ is written (without export it is a valid fake-quant run)."""
+    monkeypatch.setattr(pipeline, "synthesize", lambda *a, **k: pytest.fail("synthesis ran"))
+    m = tiny_model()
+    m[3] = nn.Conv2d(8, 8, 2, padding="same")
+    with pytest.raises(ValueError, match=r"cannot convert layer '3' \(QuantConv2d\): padding='same'"):
+        zsqfast.quantize(m, 4, 4, out=tmp_path / "run", export=True, **BUDGET)
+    assert not (tmp_path / "run").exists()
+
+
 def _no_recompute(monkeypatch, *names):
     for name in names:
         monkeypatch.setattr(pipeline, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} ran again"))

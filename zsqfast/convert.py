@@ -23,7 +23,13 @@ What it does, on a deep copy put in eval mode (the given model is not modified):
    feeds something else (a residual add, a pooling), ReLU and QuantAct stay (frozen) and the consumers
    requantize its grid values, which gives back exactly the same codes.
    Not fused: the ReLU into the producing layer's epilogue (the integer ops have no activation argument).
-5. Everything else (skipped float layers, pooling, LayerNorm, attention matmuls, GELU) is kept as it is.
+5. Everything else (skipped float layers, pooling, LayerNorm, attention matmuls, GELU) is kept as it is; the
+   conv / linear layers quantize_model left float (``skip=``) are named in a warning and in
+   :func:`integer_report`.
+6. Output layout: the integer model is run once on ``example_input``. IntConv2d returns channels_last maps
+   (the fast path); when that forward fails with the ``view`` layout error (a ``x.view(B, -1)`` on a feature
+   map, which the fake-quant model, NCHW throughout, does not raise), every IntConv2d is set to return
+   contiguous NCHW maps instead (``channels_last=False``, kept in its config, so a reloaded model keeps it).
 
 The result records its structural edits (``model.zsqfast_integer``) so that
 :func:`zsqfast.save_integer_model` / :func:`zsqfast.load_integer_model` can rebuild it from the float
@@ -38,12 +44,15 @@ import torch
 import torch.nn as nn
 
 from ._trace import Dataflow, is_act_wrapper, is_bn, trace_dataflow
+from .finetune.layout import _LAYOUT_ERROR
 from .nn import QuantAct, QuantConv2d, QuantLinear
 from .nn.int_layers import IntConv2d, IntLinear, activation_grid
 from .ops.lowbit_gemm import check_k, quantize_codes
 from .quantize_model import _swap
 
-FORMAT_VERSION = 2  # 2: dense weights on disk (zsqfast.integer_io); 1 still loads
+# 3: the checksum also covers the metadata and tensor names / dtypes / shapes, IntConv2d configs name their
+# output layout; 2: dense weights on disk (zsqfast.integer_io); 1 and 2 still load
+FORMAT_VERSION = 3
 
 
 class FoldedNormAct(nn.Module):
@@ -159,21 +168,72 @@ def _plan(model: nn.Module, flow: Dataflow):
     return grids, folds, fused
 
 
+def _int_layer(name: str, m: nn.Module, a_bits: int | None, bias: bool | None = None):
+    """The empty IntConv2d / IntLinear (``empty_for``) that the QuantConv2d / QuantLinear ``m`` at ``name``
+    becomes, ``a_bits`` None for weight-only, its K checked against the int32 accumulator in integer mode:
+    the per-layer check of :func:`convert_to_integer` and :func:`check_convertible`. Its ValueError names the
+    layer and the way out."""
+    cls = IntConv2d if isinstance(m, QuantConv2d) else IntLinear
+    try:
+        new = cls.empty_for(m, a_bits, bias)
+        if a_bits is not None:
+            check_k(new.K, a_bits, new.w_bits)
+    except ValueError as exc:  # say which layer cannot become an integer layer
+        raise ValueError(f"convert_to_integer cannot convert layer {name!r} ({type(m).__name__}): {exc}; "
+                         f"keep it float with quantize_model(..., skip=[{name!r}])") from None
+    return new
+
+
+def check_convertible(qmodel: nn.Module) -> None:
+    """Raise the ValueError :func:`convert_to_integer` would for a layer it cannot convert, without tracing,
+    packing or running (cheap: :func:`zsqfast.quantize` calls it before ``out/`` is written). Each layer is
+    checked in the mode known without a trace: integer when it has its own ``input_quant``, else weight-only
+    (so a K too large for the accumulator is found here only for the former; the conversion itself checks
+    the layers a traced QuantAct feeds)."""
+    for name, m in qmodel.named_modules():
+        if isinstance(m, (QuantConv2d, QuantLinear)):
+            _int_layer(name, m, None if m.input_quant is None else m.input_quant.bits)
+
+
+def float_layers(model: nn.Module) -> list[str]:
+    """Qualified names of the conv / linear layers of ``model`` that are plain float modules (not quantized:
+    ``quantize_model(..., skip=...)``, or a type it does not swap)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+            and not isinstance(m, (QuantConv2d, QuantLinear))]
+
+
+def _fails_channels_last(model: nn.Module, x: torch.Tensor) -> bool:
+    """True when the forward of ``x`` raises the ``view`` layout error (a channels_last map given to
+    ``Tensor.view``); any other error propagates."""
+    try:
+        with torch.no_grad():
+            model(x)
+    except RuntimeError as e:
+        if _LAYOUT_ERROR not in str(e):
+            raise
+        return True
+    return False
+
+
 def convert_to_integer(qmodel: nn.Module, example_input: torch.Tensor | None = None, *, fold_bn: bool = True,
                        fuse: bool = True) -> nn.Module:
     """An integer inference copy of the fake-quant ``qmodel`` (module docstring for what changes).
 
     Args:
         qmodel: a model from :func:`zsqfast.quantize_model`, calibrated (every QuantAct has a range); fp32.
-        example_input: an input the model accepts (only used for the one traced forward; its values do not
-            matter); default: a Gaussian of timm's ``input_size``, else (1, C, 32, 32).
+        example_input: an input the model accepts (used for the traced forward and the integer model's
+            layout check, step 6; its values do not matter); default: a Gaussian of timm's ``input_size``,
+            else (1, C, 32, 32).
         fold_bn: fold BatchNorms into the integer epilogue (step 3). fuse: fuse ReLU + QuantAct (step 4).
     Returns:
         A new model in eval mode: IntConv2d / IntLinear layers, BatchNorms folded, kept QuantActs frozen.
         ``result.zsqfast_integer`` holds the edits that :func:`zsqfast.save_integer_model` stores.
     Raises:
         ValueError: no quantized layer, a subclass of one, float weights (``w_bits=None``), non-fp32
-            parameters, an uncalibrated QuantAct, or a layer whose K could overflow the int32 accumulator.
+            parameters, an uncalibrated QuantAct, or a layer it cannot convert (asymmetric ``padding='same'``,
+            a K that could overflow the int32 accumulator): the message names the layer and how to skip it.
+    Warns:
+        UserWarning naming the conv / linear layers left float (:func:`float_layers`).
     """
     _check(qmodel)
     model = copy.deepcopy(qmodel).eval()
@@ -196,16 +256,10 @@ def convert_to_integer(qmodel: nn.Module, example_input: torch.Tensor | None = N
             a, c = _bn_fold(mods[bn_of[name]])
             scale_mul = a.float()
             bias = (c if m.bias is None else m.bias.detach().double() * a + c).float()
-        cls = IntConv2d if isinstance(m, QuantConv2d) else IntLinear
-        new = cls.from_quant(m, grid, a_bits, scale_mul=scale_mul, bias_override=bias)
-        if a_bits is not None:
-            try:
-                check_k(new.K, a_bits, new.w_bits)
-            except ValueError as exc:  # say which layer cannot run on the integer kernels
-                raise ValueError(f"convert_to_integer cannot convert layer {name!r} ({type(m).__name__}): {exc}; "
-                                 f"keep it float with quantize_model(..., skip=[{name!r}])") from None
+        new = _int_layer(name, m, a_bits, m.bias is not None or bias is not None)
+        new.fill(m, grid, scale_mul=scale_mul, bias_override=bias)
         _swap(model, name, new)
-        edit = {"path": name, "op": cls.__name__, "config": new.config()}
+        edit = {"path": name, "op": type(new).__name__, "config": new.config()}
         if name in bn_of:
             edit["bn"] = bn_of[name]  # informative: the BatchNorm folded into this layer
         edits.append(edit)
@@ -226,22 +280,35 @@ def convert_to_integer(qmodel: nn.Module, example_input: torch.Tensor | None = N
     for m in model.modules():
         if isinstance(m, QuantAct):
             m.freeze()
+    convs = {e["path"]: e for e in edits if e["op"] == "IntConv2d"}
+    if convs and _fails_channels_last(model, x):  # step 6: NCHW outputs, as the fake-quant model's
+        for path, e in convs.items():
+            model.get_submodule(path).channels_last = e["config"]["channels_last"] = False
+        with torch.no_grad():
+            model(x)  # now runs (any other error is raised here)
+    left = float_layers(model)
+    if left:
+        warnings.warn("convert_to_integer: these layers were not quantized and stay float (fp32 weights and "
+                      "arithmetic): " + ", ".join(left), stacklevel=2)
     edits.sort(key=lambda e: e["path"].count("."))  # parents before children when rebuilt
     model.zsqfast_integer = {"format": FORMAT_VERSION, "edits": edits}
     return model.eval()
 
 
 def integer_report(model: nn.Module) -> dict:
-    """Counts of an integer model: ``integer`` / ``weight_only`` layers, ``folded_bn``, ``fused_act``,
-    ``kept_act`` (from ``model.zsqfast_integer``) and ``weight_bytes`` (in memory: kernel-layout packed codes,
-    K padded to 128, + per-channel scale, zero point, column sum; the file is smaller, see zsqfast.integer_io)."""
+    """Counts of an integer model: ``integer`` / ``weight_only`` layers, ``float`` conv / linear layers never
+    quantized (their names in ``float_layers``), ``folded_bn``, ``fused_act``, ``kept_act`` (from
+    ``model.zsqfast_integer``) and ``weight_bytes`` (of the integer layers, in memory: kernel-layout packed
+    codes, K padded to 128, + per-channel scale, zero point, column sum; the file is smaller, see
+    zsqfast.integer_io)."""
     info = getattr(model, "zsqfast_integer", None)
     if info is None:
         raise ValueError("not an integer model from zsqfast.convert_to_integer")
     layers = [m for m in model.modules() if isinstance(m, (IntConv2d, IntLinear))]
-    ed = info["edits"]
+    ed, left = info["edits"], float_layers(model)
     return {"integer": sum(m.a_bits is not None for m in layers),
             "weight_only": sum(m.a_bits is None for m in layers),
+            "float": len(left), "float_layers": left,
             "folded_bn": sum(e["op"] in ("Identity", "FoldedNormAct") and "BatchNorm" in e["was"] for e in ed),
             "fused_act": sum(e["op"] == "Identity" and e["was"] in ("ReLU", "ReLU6") for e in ed),
             "kept_act": sum(e["op"] == "QuantAct" for e in ed),

@@ -1,6 +1,6 @@
 """Save / load an integer model (:func:`zsqfast.convert_to_integer`) without pickled code.
 
-File format 2 (written since the dense format; format 1 files still load): one safetensors file.
+File format 3 (formats 1 and 2 still load): one safetensors file.
 
 Tensors: the integer model's ``state_dict`` (kept float layers, BatchNorms, QuantAct buffers, biases), except
 that each IntConv2d / IntLinear at path ``p`` stores its weight DENSE instead of in the kernel layout:
@@ -17,11 +17,13 @@ sums of the codes) are NOT stored: :func:`load_integer_model` recomputes both fr
 ops: unpack, ``pack_lowbit``, a row sum), so the file holds exactly ``w_bits`` bits per weight plus 5 to 8
 bytes per output channel.
 
-Metadata key ``"zsqfast_integer"``: JSON ``{"format": 2, "crc32": C, "edits": [...]}``; ``C`` is the CRC-32 of
-all tensor bytes in key order (a corrupted file is refused by name), and the edits turn the FLOAT
-architecture into the integer one, parents before children::
+Metadata key ``"zsqfast_integer"``: JSON ``{"format": 3, "crc32": C, "edits": [...]}``; ``C`` is the CRC-32 of
+the rest of that JSON (canonical: sorted keys, no spaces), then, per tensor in key order, its name, dtype and
+shape and its bytes, so that any change to the edits (a flipped ``a_bits`` or stride), a renamed, retyped or
+reshaped tensor or corrupted data is refused by name. The edits turn the FLOAT architecture into the
+integer one, parents before children::
 
-    {"path": "layer1.0.conv1", "op": "IntConv2d", "config": {in_channels, ..., w_bits, a_bits}}
+    {"path": "layer1.0.conv1", "op": "IntConv2d", "config": {in_channels, ..., w_bits, a_bits, channels_last}}
     (an integer layer's edit may also name the BatchNorm folded into it: "bn": "layer1.0.bn1")
     {"path": "fc", "op": "IntLinear", "config": {in_features, out_features, bias, w_bits, a_bits}}
     {"path": "layer1.0.bn1", "op": "Identity", "was": "BatchNorm2d"}           a folded BatchNorm
@@ -35,9 +37,10 @@ model from quantize_model, or a zero-argument builder); the edits are replayed o
 the module found at its path (type and shape), then the state_dict is loaded with ``strict=True``. Any
 mismatch raises a ValueError naming the path.
 
-Format 1 (the previous writer): the plain ``state_dict`` (kernel layout ``p.packed`` and ``p.w_colsum``
-included) with ``{"format": 1, "edits": [...]}`` and no checksum; it loads unchanged. A file of any other
-format raises a ValueError naming its version.
+Format 2: as format 3 but ``C`` covers the tensor bytes only, and IntConv2d configs have no
+``channels_last`` (it loads with the default, channels_last outputs, as it was written). Format 1: the plain
+``state_dict`` (kernel layout ``p.packed`` and ``p.w_colsum`` included) with ``{"format": 1, "edits": [...]}``
+and no checksum. Both load unchanged. A file of any other format raises a ValueError naming its version.
 """
 from __future__ import annotations
 
@@ -61,24 +64,28 @@ from .quantize_model import _swap
 
 _META_KEY = "zsqfast_integer"
 #: file formats load_integer_model reads (FORMAT_VERSION, the one written, is the last)
-READ_FORMATS = (1, 2)
+READ_FORMATS = (1, 2, 3)
 
 
 def _int_layers(model: nn.Module) -> dict[str, _IntLayer]:
     return {n: m for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, _IntLayer)}
 
 
-def _crc32(tensors: dict[str, torch.Tensor]) -> int:
-    """CRC-32 of every tensor's bytes, keys in sorted order (what format 2 stores in its metadata)."""
-    crc = 0
+def _crc32(tensors: dict[str, torch.Tensor], meta: dict | None = None) -> int:
+    """The checksum stored in the metadata. Format 3 (``meta``: the metadata without ``crc32``): CRC-32 of
+    ``meta``'s canonical JSON, then, keys in sorted order, each tensor's name, dtype and shape and its bytes.
+    Format 2 (``meta`` None): the tensor bytes only."""
+    crc = 0 if meta is None else zlib.crc32(json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
     for k in sorted(tensors):
         t = tensors[k].contiguous().reshape(-1)
+        if meta is not None:
+            crc = zlib.crc32(json.dumps([k, str(t.dtype), list(tensors[k].shape)]).encode(), crc)
         crc = zlib.crc32(t.view(torch.uint8).numpy() if t.numel() else b"", crc)
     return crc
 
 
 def _dense_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors of a format-2 file: the state_dict with every integer layer's ``packed`` / ``w_colsum``
+    """The tensors of a format-2 / 3 file: the state_dict with every integer layer's ``packed`` / ``w_colsum``
     replaced by its dense ``codes`` and ``w_zero`` narrowed to uint8 when it fits (module docstring)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     for p, m in _int_layers(model).items():
@@ -100,7 +107,7 @@ def saved_weight_bytes(model: nn.Module) -> int:
 
 
 def save_integer_model(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model`` (from :func:`zsqfast.convert_to_integer`) to ``path`` (safetensors, format 2, atomically).
+    """Write ``model`` (from :func:`zsqfast.convert_to_integer`) to ``path`` (safetensors, format 3, atomically).
 
     The weights are stored bit-dense (module docstring); :func:`load_integer_model` re-packs them."""
     from safetensors.torch import save_file
@@ -115,7 +122,8 @@ def save_integer_model(model: nn.Module, path: str | os.PathLike) -> None:
         if v.numel():
             seen.add(v.untyped_storage().data_ptr())
         tensors[k] = v
-    meta = {"format": FORMAT_VERSION, "crc32": _crc32(tensors), "edits": info["edits"]}
+    meta = {"format": FORMAT_VERSION, "edits": info["edits"]}
+    meta["crc32"] = _crc32(tensors, meta)
     if os.path.isdir(path):
         raise ValueError(f"{os.fspath(path)} is a directory; pass a file path for the integer model, e.g. "
                          f"{os.path.join(os.fspath(path), 'integer_model.safetensors')}")
@@ -134,7 +142,7 @@ def save_integer_model(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _densify_back(model: nn.Module, state: dict[str, torch.Tensor], path) -> None:
-    """Format 2 -> the kernel layout, in place: ``codes`` -> ``packed`` (pack_lowbit) and ``w_colsum`` (row
+    """Format 2 / 3 -> the kernel layout, in place: ``codes`` -> ``packed`` (pack_lowbit) and ``w_colsum`` (row
     sums), ``w_zero`` -> int32."""
     for p, m in _int_layers(model).items():
         pre = f"{p}." if p else ""
@@ -225,7 +233,8 @@ def load_integer_model(path: str | os.PathLike, architecture: nn.Module | Callab
     if isinstance(version, bool) or version not in READ_FORMATS:
         raise ValueError(f"{path}: integer model file format {version!r}; this zsqfast reads formats "
                          f"{', '.join(map(str, READ_FORMATS))} (written by a newer zsqfast?)")
-    if version >= 2 and info.get("crc32") != _crc32(state):
+    covered = {k: v for k, v in info.items() if k != "crc32"} if version >= 3 else None
+    if version >= 2 and info.get("crc32") != _crc32(state, covered):
         raise ValueError(f"{path}: corrupted integer model file (format {version}): checksum mismatch")
     model = architecture() if callable(architecture) and not isinstance(architecture, nn.Module) else architecture
     if not isinstance(model, nn.Module):

@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from . import distributed as zdist
 from ._fileio import atomic_write_bytes
-from .convert import convert_to_integer
+from .convert import check_convertible, convert_to_integer
 from .finetune import finetune
 from .finetune.trainer import DEFAULTS as FINETUNE_DEFAULTS
 from .finetune.trainer import evaluate, resolve_options
@@ -234,7 +234,8 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
         epochs, batch_size, finetune_options: :func:`zsqfast.finetune` (its DEFAULTS, e.g. ``lr``,
             ``calib_batches``, also set the calibration of the round-to-nearest model).
         out: directory for every artifact and the manifest; None keeps everything in memory.
-        export: also build the integer model (:func:`zsqfast.convert_to_integer`) and save it.
+        export: also build the integer model (:func:`zsqfast.convert_to_integer`) and save it; every layer
+            is first checked convertible (:func:`zsqfast.convert.check_convertible`), before ``out`` is written.
         seed: every random choice derives from it.
         first_last_bits: weight bits of the first and last layer (default ``w_bits``).
         data: use this synthetic set instead of synthesizing (a synthesize() directory, a SyntheticDataset
@@ -248,7 +249,8 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
         :class:`QuantizeResult`.
     Raises:
         ValueError: bad bits / method / budget / fine-tuning option, a synthesis method the model cannot use, a
-            layer quantize_model cannot quantize, an ``out`` holding another run; all before ``out`` is written.
+            layer quantize_model cannot quantize (or, with ``export``, convert_to_integer cannot convert), an
+            ``out`` holding another run; all before ``out`` is written.
     """
     wb, ab = resolve_bits(w_bits, "w_bits", allow_float=False), resolve_bits(a_bits, "a_bits", allow_float=False)
     if method not in ("synq", "kd"):
@@ -279,6 +281,8 @@ def quantize(model: nn.Module, w_bits: int, a_bits: int, *, method: str = "synq"
     else:
         config.update(data=tensor_hash(dataset.images, dataset.labels), num_images=len(dataset.labels))
     student = build_quantized(fp, config)  # an unsupported model fails here, before out/ is written
+    if export:
+        check_convertible(student)  # and one with a layer the export could not convert
     eval_key = tensor_hash(*eval_data) if eval_data is not None else None
     man = Manifest(out, config)
     if dataset is not None and out is not None and not isinstance(data, (str, Path)) and zdist.rank() == 0 \

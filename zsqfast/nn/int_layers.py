@@ -21,10 +21,13 @@ Two modes, fixed at construction by ``a_bits``:
   as small in memory as on disk); the convolution / matmul then runs in fp32 on the float input, which is
   the fake-quant layer's arithmetic.
 
-IntConv2d returns channels_last (NHWC memory order) tensors in both modes: the integer op's kernel writes
-that order, and the float layers between convolutions (ReLU, QuantAct, max pooling, residual adds) keep it,
-so a converted CNN runs NHWC from its first convolution on without a transpose (PyTorch's channels_last max
-pooling is also ~10x faster than its NCHW one here).
+IntConv2d returns channels_last (NHWC memory order) tensors in both modes by default: the integer op's
+kernel writes that order, and the float layers between convolutions (ReLU, QuantAct, max pooling, residual
+adds) keep it, so a converted CNN runs NHWC from its first convolution on without a transpose (PyTorch's
+channels_last max pooling is also ~10x faster than its NCHW one here). With ``channels_last=False`` it
+returns contiguous (NCHW) tensors instead, as ``nn.Conv2d`` does on an NCHW input: for models whose forward
+calls ``Tensor.view`` on a feature map (``x.view(B, -1)``), which a channels_last map cannot take;
+:func:`zsqfast.convert_to_integer` chooses it for every IntConv2d of such a model.
 
 A BatchNorm folded by :func:`zsqfast.convert_to_integer` lives in ``w_scale`` and ``bias`` (the integer codes
 do not change), so ``w_scale`` may be negative. Symmetric grids are stored as unsigned codes with zero point
@@ -95,6 +98,17 @@ class _IntLayer(nn.Module):
             self.a_scale, self.a_zero = grid[0].float().reshape(1), grid[1].to(torch.int32).reshape(1)
         return self
 
+    def fill(self, layer: nn.Module, grid=None, *, scale_mul=None, bias_override=None) -> "_IntLayer":
+        """Pack the fake-quant ``layer``'s weight into this layer (from :meth:`empty_for`), folding an optional
+        per-channel ``y * scale_mul + ...`` (:meth:`IntConv2d.from_quant`). Returns self."""
+        if getattr(layer, "w_bits", None) is None:
+            raise ValueError(f"{type(layer).__name__} has a float weight (w_bits=None): there are no codes to pack")
+        lw = weight_codes(layer)
+        if scale_mul is not None:
+            lw = LowbitWeight(lw.packed, lw.scale * scale_mul.float(), lw.zero_point, lw.bits, lw.K, lw.colsum)
+        bias = bias_override if bias_override is not None else layer.bias
+        return self.set_weight(lw, None if bias is None else bias.detach().float(), grid)
+
     def lowbit_weight(self) -> LowbitWeight:
         return LowbitWeight(self.packed, self.w_scale, self.w_zero, self.w_bits, self.K, self.w_colsum)
 
@@ -112,15 +126,18 @@ class IntConv2d(_IntLayer):
 
     Arguments as ``nn.Conv2d`` (ints or pairs; ``padding`` an int/pair; ``padding_mode`` zeros, reflect,
     replicate or circular: non-zero modes pad the float input first, which keeps grid values on the grid),
-    plus ``w_bits`` (2..8) and ``a_bits`` (2..8, or None for weight-only). Build one from a fake-quant layer
-    with :meth:`from_quant`; the plain constructor makes an empty layer to load a state_dict into.
+    plus ``w_bits`` (2..8), ``a_bits`` (2..8, or None for weight-only) and ``channels_last`` (the output's
+    memory order: channels_last, the fast default, or contiguous NCHW; module docstring). Build one from a
+    fake-quant layer with :meth:`from_quant`; the plain constructor makes an empty layer to load a state_dict
+    into.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, w_bits: int = 4,
-                 a_bits: int | None = 4):
+                 a_bits: int | None = 4, channels_last: bool = True):
         super().__init__()
         pair = nn.modules.utils._pair
+        self.channels_last = bool(channels_last)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
         if isinstance(padding, str):
@@ -138,7 +155,22 @@ class IntConv2d(_IntLayer):
         return dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=list(self.kernel_size),
                     stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),
                     groups=self.groups, bias=self.bias is not None, padding_mode=self.padding_mode,
-                    w_bits=self.w_bits, a_bits=self.a_bits)
+                    w_bits=self.w_bits, a_bits=self.a_bits, channels_last=self.channels_last)
+
+    @classmethod
+    def empty_for(cls, layer: nn.Conv2d, a_bits: int | None = None, bias: bool | None = None) -> "IntConv2d":
+        """The empty IntConv2d (zero buffers, nothing packed) that the fake-quant ``layer`` becomes, ``a_bits``
+        None for weight-only, ``bias`` default: ``layer`` has one. ValueError when ``layer`` cannot be
+        represented (asymmetric ``padding='same'``, ``w_bits`` None...)."""
+        pad = layer.padding
+        if isinstance(pad, str):  # 'valid' -> 0; symmetric 'same' -> explicit padding
+            total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
+            if pad == "same" and any(t % 2 for t in total):
+                raise ValueError("padding='same' with an even kernel extent pads asymmetrically: not supported")
+            pad = tuple(t // 2 for t in total) if pad == "same" else (0, 0)
+        return cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, pad, layer.dilation,
+                   layer.groups, layer.bias is not None if bias is None else bias, layer.padding_mode,
+                   w_bits=layer.w_bits, a_bits=a_bits)
 
     @classmethod
     def from_quant(cls, layer: nn.Conv2d, grid=None, a_bits: int | None = None, *, scale_mul=None,
@@ -148,25 +180,22 @@ class IntConv2d(_IntLayer):
         ``grid``: ``(a_scale, a_zero)`` of the input (:func:`activation_grid`) with ``a_bits``, or None for
         weight-only. ``scale_mul`` (OC,) / ``bias_override`` (OC,): a folded BatchNorm ``y -> y * a + c``
         gives ``w_scale * a`` and ``bias * a + c`` (exact algebra; the codes are unchanged)."""
-        pad = layer.padding
-        if isinstance(pad, str):  # 'valid' -> 0; symmetric 'same' -> explicit padding
-            total = [d * (k - 1) for d, k in zip(layer.dilation, layer.kernel_size)]
-            if pad == "same" and any(t % 2 for t in total):
-                raise ValueError("padding='same' with an even kernel extent pads asymmetrically: not supported")
-            pad = tuple(t // 2 for t in total) if pad == "same" else (0, 0)
-        m = cls(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, pad, layer.dilation,
-                layer.groups, layer.bias is not None or bias_override is not None, layer.padding_mode,
-                w_bits=layer.w_bits, a_bits=a_bits if grid is not None else None)
-        return _fill(m, layer, grid, scale_mul, bias_override)
+        m = cls.empty_for(layer, a_bits if grid is not None else None,
+                          layer.bias is not None or bias_override is not None)
+        return m.fill(layer, grid, scale_mul=scale_mul, bias_override=bias_override)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._conv(x)
+        return y if self.channels_last else y.contiguous()
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
         padding = self.padding
         if self.padding_mode != "zeros":
             ph, pw = self.padding
             x, padding = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode), (0, 0)
         if self.a_bits is None:  # channels_last like the integer op's output (oneDNN's faster layout here)
             w = self.dequantized_weight().reshape(self.out_channels, -1, *self.kernel_size)
-            if x.dim() == 4:
+            if x.dim() == 4 and self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             return F.conv2d(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype), self.stride,
                             padding, self.dilation, self.groups)
@@ -191,6 +220,8 @@ class IntConv2d(_IntLayer):
             s += f", dilation={self.dilation}"
         if self.groups != 1:
             s += f", groups={self.groups}"
+        if not self.channels_last:
+            s += ", channels_last=False"
         return s + self._int_repr()
 
 
@@ -210,12 +241,18 @@ class IntLinear(_IntLayer):
                     w_bits=self.w_bits, a_bits=self.a_bits)
 
     @classmethod
+    def empty_for(cls, layer: nn.Linear, a_bits: int | None = None, bias: bool | None = None) -> "IntLinear":
+        """As :meth:`IntConv2d.empty_for`, for a QuantLinear."""
+        return cls(layer.in_features, layer.out_features, layer.bias is not None if bias is None else bias,
+                   w_bits=layer.w_bits, a_bits=a_bits)
+
+    @classmethod
     def from_quant(cls, layer: nn.Linear, grid=None, a_bits: int | None = None, *, scale_mul=None,
                    bias_override=None) -> "IntLinear":
         """As :meth:`IntConv2d.from_quant`, for a QuantLinear."""
-        m = cls(layer.in_features, layer.out_features, layer.bias is not None or bias_override is not None,
-                w_bits=layer.w_bits, a_bits=a_bits if grid is not None else None)
-        return _fill(m, layer, grid, scale_mul, bias_override)
+        m = cls.empty_for(layer, a_bits if grid is not None else None,
+                          layer.bias is not None or bias_override is not None)
+        return m.fill(layer, grid, scale_mul=scale_mul, bias_override=bias_override)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_bits is None:
@@ -227,13 +264,3 @@ class IntLinear(_IntLayer):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}" + self._int_repr()
 
-
-def _fill(m: _IntLayer, layer: nn.Module, grid, scale_mul, bias_override) -> _IntLayer:
-    """Pack ``layer``'s weight into ``m``, folding an optional per-channel ``y * scale_mul + ...``."""
-    if getattr(layer, "w_bits", None) is None:
-        raise ValueError(f"{type(layer).__name__} has a float weight (w_bits=None): there are no codes to pack")
-    lw = weight_codes(layer)
-    if scale_mul is not None:
-        lw = LowbitWeight(lw.packed, lw.scale * scale_mul.float(), lw.zero_point, lw.bits, lw.K, lw.colsum)
-    bias = bias_override if bias_override is not None else layer.bias
-    return m.set_weight(lw, None if bias is None else bias.detach().float(), grid)
