@@ -120,6 +120,16 @@ def test_quantize_then_eval_and_resume(files, quantized, capsys, monkeypatch):
                 "--a-bits", 4, "--out", quantized, "--eval-data", files / "eval.npz", *TINY) == 0
 
 
+def test_eval_reads_the_model_file_once(files, quantized, monkeypatch):
+    from zsqfast import pipeline
+
+    reads = []
+    real = pipeline.read_payload
+    monkeypatch.setattr(pipeline, "read_payload", lambda path: reads.append(path) or real(path))
+    assert _run("eval", "--quantized", quantized, "--eval-data", files / "eval.npz") == 0  # model from the config
+    assert reads == [quantized / "model.pt"]
+
+
 def test_synthesize_then_finetune(files, capsys):
     assert _run("synthesize", "--model", "cifar_resnet8", "--checkpoint", files / "r8.pth", "--num-images", 16,
                 "--iterations", 2, "--batch-size", 16, "--out", files / "syn", "--quiet") == 0

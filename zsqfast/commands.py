@@ -203,6 +203,7 @@ def _quantized(args):
     from .pipeline import load_quantized, read_payload
 
     path = _quantized_path(args.quantized)
+    payload = None
     if args.model is None:
         if path is None:
             raise ValueError("pass --model (and --checkpoint), or --quantized DIR of a quantize run")
@@ -215,7 +216,7 @@ def _quantized(args):
     fp = _model(args)
     if path is None:
         return fp, None, None, None
-    q, config = load_quantized(path, fp)
+    q, config = load_quantized(path, fp, payload=payload)  # the file is read once
     return fp, q, config, path
 
 

@@ -177,11 +177,13 @@ def read_payload(path: str | Path):
                          "of a 'zsqfast quantize' output directory") from None
 
 
-def load_quantized(path: str | Path, fp_model: nn.Module) -> tuple[nn.Module, dict]:
+def load_quantized(path: str | Path, fp_model: nn.Module, *, payload=None) -> tuple[nn.Module, dict]:
     """A model saved by :func:`quantize` (``rtn.pt`` / ``model.pt``) rebuilt around ``fp_model``.
 
+    ``payload``: ``read_payload(path)`` when the caller has already read the file (it is then not read again).
     Raises ValueError when the file is not such a model or does not fit ``fp_model``."""
-    payload = read_payload(path)
+    if payload is None:
+        payload = read_payload(path)
     if not isinstance(payload, dict) or "state_dict" not in payload or "config" not in payload:
         raise ValueError(f"{path} is not a model saved by zsqfast quantize (expected keys 'state_dict' and "
                          "'config'); pass the model.pt of a quantize output directory")
