@@ -39,6 +39,19 @@ def test_bn_sensitivity_matches_naive_leave_one_out():
     assert torch.allclose(energy, want)
 
 
+def test_batches_are_balanced_so_no_image_is_scored_alone():
+    """9 images at batch_size 8 form batches of 5 and 4: the last image gets a real leave-one-out score (a
+    ragged split would leave it alone in its batch, with sensitivity 0)."""
+    model = tiny_bn_model()
+    x = torch.randn(9, 3, 8, 8)
+    _, sens = bn_sensitivity_and_energy(model, x, batch_size=8)  # batches of 5 and 4
+    _, first = bn_sensitivity_and_energy(model, x[:5], batch_size=5)
+    _, second = bn_sensitivity_and_energy(model, x[5:], batch_size=4)
+    assert torch.equal(sens, torch.cat([first, second])) and bool((sens != 0).all())
+    with pytest.raises(ValueError, match="batch_size"):
+        bn_sensitivity_and_energy(model, x, batch_size=0)
+
+
 def test_filter_images_keeps_the_intersection():
     model = tiny_bn_model()
     x = torch.randn(20, 3, 10, 10)

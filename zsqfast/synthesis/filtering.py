@@ -1,6 +1,9 @@
 """GenQ-style filtering of an image set a user brings (e.g. from a text-to-image model).
 
-Two scores per image, computed batch by batch (``batch_size`` images form the "batch" of the definitions):
+Two scores per image, computed batch by batch: the set is cut into ceil(N / batch_size) batches of equal size
+(give or take one image), and each forms the "batch" of the definitions. Equal sizes keep the BN sensitivities
+comparable across batches (S shrinks like 1/B); a ragged last batch, at worst a lone image with no "batch
+without it", would rank its images apart from the rest.
 
 * energy ``E(x) = -T logsumexp(f(x) / T)`` (lower = more in-distribution for the classifier f);
 * BN sensitivity ``S(x_i) = D(batch) - D(batch without x_i)``, with the BN-statistics discrepancy
@@ -37,6 +40,13 @@ class FilterResult:
     patch_entropy: torch.Tensor | None = None   # float64 (N,), vision transformers
 
 
+def _balanced_batches(images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """``images`` cut into ceil(N / batch_size) batches whose sizes differ by at most one."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    return images.tensor_split(max(1, -(-len(images) // batch_size)))
+
+
 def _discrepancy(mean, var, rm, rv):
     return ((mean - rm) ** 2).sum(-1) + ((var - rv) ** 2).sum(-1)
 
@@ -59,7 +69,7 @@ def bn_sensitivity_and_energy(model: nn.Module, images: torch.Tensor, temperatur
     handles = [m.register_forward_pre_hook(hook) for m in bns]
     energies, sens = [], []
     try:
-        for xb in images.split(batch_size):
+        for xb in _balanced_batches(images, batch_size):
             logits = model(xb).double()
             energies.append(-temperature * torch.logsumexp(logits / temperature, dim=1))
             total = torch.zeros(len(xb), dtype=torch.float64, device=xb.device)
@@ -70,7 +80,7 @@ def bn_sensitivity_and_energy(model: nn.Module, images: torch.Tensor, temperatur
                 mean = s.sum(0) / big_m
                 d_all = _discrepancy(mean, q.sum(0) / big_m - mean**2, rm, rv)
                 if len(xb) == 1:
-                    continue  # a one-image batch has no "batch without it"
+                    continue  # a one-image set has no "batch without it": its sensitivity is 0
                 mean_wo = (s.sum(0) - s) / (big_m - k)
                 var_wo = (q.sum(0) - q) / (big_m - k) - mean_wo**2
                 total += d_all - _discrepancy(mean_wo, var_wo, rm, rv)
@@ -88,7 +98,7 @@ def patch_entropy_and_energy(model: nn.Module, images: torch.Tensor, temperature
     model.eval()
     energies, ents = [], []
     with PatchEntropy(model) as pe:
-        for xb in images.split(batch_size):
+        for xb in _balanced_batches(images, batch_size):
             logits, h = pe(xb)
             energies.append(-temperature * torch.logsumexp(logits.double() / temperature, dim=1))
             ents.append(h.double().sum(0))
