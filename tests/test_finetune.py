@@ -338,3 +338,20 @@ def test_channels_last_layout_option(method):
     with pytest.raises(RuntimeError, match="view size"):
         zsqfast.finetune(_ViewNet().eval(), zsqfast.quantize_model(_ViewNet().eval(), 4, 4), (images, labels),
                          channels_last=True, **dict(kw, lambda_cam=0.0))
+
+
+def test_each_rank_draws_its_own_crops():
+    """Under DDP rank 0 (and one process) crops with the epoch's generator; the other ranks get streams of their
+    own, reproducible, so two ranks' shards do not get the same crop boxes at the same step."""
+    from zsqfast.finetune.trainer import augmentation_generator, random_resized_crop_flip
+
+    x = torch.randn(8, 3, 16, 16)
+    g = torch.Generator().manual_seed(5)
+    assert augmentation_generator(g, 0, 3, 0) is g
+
+    def crops(rank):
+        return random_resized_crop_flip(x, augmentation_generator(torch.Generator().manual_seed(5), 0, 3, rank))
+
+    c0, c1, c2 = crops(0), crops(1), crops(2)
+    assert torch.equal(c1, crops(1))
+    assert not torch.equal(c0, c1) and not torch.equal(c1, c2)

@@ -13,7 +13,8 @@ Launch any zsqfast entry point under torchrun, e.g.::
   change during training and every rank holds the same ones);
 * rank r training on the r-th of ``world_size`` equal interleaved shards of the synthetic set
   (``images[r::world]``, the remainder dropped so every rank takes the same number of steps), with batch
-  ``batch_size // world_size`` per rank: the global batch stays ``batch_size``;
+  ``batch_size // world_size`` per rank: the global batch stays ``batch_size``; each rank draws its own crops
+  and flips (``finetune.trainer.augmentation_generator``);
 * the activation ranges calibrated once, before wrapping, on the same first batches on every rank (so they
   are identical everywhere);
 * per-epoch evaluation and the log on rank 0 (``out``), the other ranks checkpointing in ``out_rank<r>``

@@ -295,6 +295,13 @@ def _resume_state(ckpt: Path, ddp: bool, run: dict) -> dict | None:
     return state
 
 
+def augmentation_generator(g: torch.Generator, seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The generator of rank ``rank``'s crops and flips in ``epoch``: the epoch's own ``g`` (which drew the
+    permutation) on rank 0 and in one process; a stream of its own on every other rank, so that the ranks'
+    shards do not all get the same crop boxes at the same step (the global batch would repeat them)."""
+    return g if rank == 0 else torch.Generator().manual_seed((seed * 7919 + epoch) * 1_000_003 + rank)
+
+
 def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, seed, eval_data, out, progress,
               stop_after, opt) -> dict:
     params = [p for p in q_model.parameters() if p.requires_grad]
@@ -334,10 +341,11 @@ def _finetune(fp_model, q_model, images, labels, method, epochs, batch_size, see
             q_model.eval()  # BatchNorm in eval; QuantActs frozen
             perm = torch.randperm(len(images), generator=g)
             totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0, "cam": 0.0, "fa": 0.0, "promoted": 0.0, "selected": 0.0}
+            crops = augmentation_generator(g, seed, epoch, dist.get_rank() if ddp else 0)
             for step, idx in enumerate(perm.split(batch_size)):
                 x, y = images[idx], labels[idx]
                 if opt["augment"]:
-                    x = random_resized_crop_flip(x, g)
+                    x = random_resized_crop_flip(x, crops)
                 if method == "synq":
                     x = torch.nan_to_num(gaussian_lowpass(x, opt["d0"]))
                 # channels-last forwards on the CPU (None: auto, NCHW for models that view a feature map)
