@@ -79,6 +79,11 @@ def test_tap_selection_reads_the_kernel_decay():
     # sizes with a prime factor past the FFT kernel's radices, and other devices: the older crossovers
     assert lp.auto_method(67, 67, 80.0) == "circulant" and lp.auto_method(134, 134, 80.0) == "rfft"
     assert lp.auto_method(224, 224, 80.0, "cuda") == "rfft" and lp.auto_method(32, 32, 80.0, "cuda") == "circulant"
+    # fp64 images: sepfft would run its rfft2 reference, so the older crossovers apply (and the result is fp64)
+    assert lp.auto_method(32, 32, 80.0, "cpu", torch.float64) == "circulant"
+    assert lp.auto_method(224, 224, 80.0, "cpu", torch.float64) == "rfft"
+    x64 = small.double()
+    assert torch.equal(gaussian_lowpass(x64, 80.0), gaussian_lowpass(x64, 80.0, method="circulant"))
     with zsqfast.use_backend("reference"):  # no C++ kernel in use: sepfft would be its rfft2 reference
         assert lp.auto_method(32, 32, 80.0) == "circulant" and lp.auto_method(224, 224, 80.0) == "rfft"
 

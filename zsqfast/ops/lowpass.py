@@ -27,8 +27,8 @@ the real symmetric kernel ``c_N = ifft(g_N)``. Two fast paths, both built in flo
   like the others, and cheaper than O(N) dense products per pixel once the image is large.
 
 ``method="auto"`` picks banded when the taps of both axes sum to at most :data:`BANDED_FRACTION` of
-``H + W``; else, on the CPU with the C++ kernel in use, sepfft when both sizes factor into primes <= 64; else circulant when
-``H + W <=`` :data:`RFFT_MIN_SIZE`, else rfft (measured crossovers).
+``H + W``; else, on the CPU with the C++ kernel in use and images not fp64, sepfft when both sizes factor into
+primes <= 64; else circulant when ``H + W <=`` :data:`RFFT_MIN_SIZE`, else rfft (measured crossovers).
 """
 from __future__ import annotations
 
@@ -180,12 +180,14 @@ def _native_for(backend: str) -> bool:
     return backend in ("auto", "cpp") and _backend.unavailable_reason("cpp", "cpu", "fft_filter_sep") is None
 
 
-def auto_method(h: int, w: int, d0: float, device: str = "cpu") -> str:
-    """What ``method="auto"`` runs for (H, W, d0) on ``device``: banded, sepfft, circulant or rfft (module
-    docstring). fp64 input on the sepfft path runs its (rfft2) reference."""
+def auto_method(h: int, w: int, d0: float, device: str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """What ``method="auto"`` runs for (H, W, d0) on ``device`` and images of ``dtype``: banded, sepfft,
+    circulant or rfft (module docstring). The sepfft kernel is fp32 (bf16 / fp16 are converted to it); fp64
+    images take the older crossovers, since sepfft would run its rfft2 reference for them."""
     if len(band_taps(h, d0)) + len(band_taps(w, d0)) <= BANDED_FRACTION * (h + w):
         return "banded"
-    if str(device).partition(":")[0] == "cpu" and supported_length(h) and supported_length(w) and _sepfft_native():
+    if (str(device).partition(":")[0] == "cpu" and dtype != torch.float64 and supported_length(h)
+            and supported_length(w) and _sepfft_native()):
         return "sepfft"
     return "rfft" if h + w > RFFT_MIN_SIZE else "circulant"
 
@@ -221,7 +223,7 @@ def gaussian_lowpass(x: torch.Tensor, d0: float, *, method: str = "auto") -> tor
     if method == "fft":
         return reference(x, d0)
     h, w = x.shape[-2:]
-    method = auto_method(h, w, float(d0), x.device.type) if method == "auto" else method
+    method = auto_method(h, w, float(d0), x.device.type, x.dtype) if method == "auto" else method
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     if method == "sepfft":
         g_h, g_w = (fft_mask_1d(n, float(d0), ct, str(x.device)) for n in (h, w))
