@@ -89,6 +89,65 @@ def test_bad_inputs():
         zsqfast.synthesize(build("cifar_resnet20"), 4, learning_rate=1.0)
 
 
+class _WithUnusedBranch(nn.Module):
+    """A BN CNN holding a BatchNorm2d branch its forward never calls (like inception_v3's AuxLogits in eval)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = tiny_bn_model()
+        self.aux = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_batchnorm_the_forward_never_runs_is_left_out():
+    """The loss is that of the layers that run: the same images as the model without the unused branch."""
+    with_aux = _WithUnusedBranch().eval()
+    kw = dict(iterations=3, batch_size=3, progress=False, input_shape=(3, 8, 8))
+    ds = zsqfast.synthesize(with_aux, 3, **kw)
+    plain = zsqfast.synthesize(tiny_bn_model(), 3, **kw)
+    assert torch.equal(ds.images, plain.images) and torch.equal(ds.labels, plain.labels)
+    bns = zsqfast.BNSLoss(with_aux)
+    with pytest.raises(RuntimeError, match="call bns"):  # no forward yet
+        bns.loss()
+    bns(torch.randn(2, 3, 8, 8))
+    assert bns.layers == [with_aux.body[1], with_aux.body[4]]
+    bns.remove()
+
+
+def test_fp64_model_synthesizes_in_fp64():
+    model = tiny_bn_model().double()
+    ds = zsqfast.synthesize(model, 3, iterations=2, batch_size=3, progress=False, input_shape=(3, 8, 8))
+    assert ds.images.dtype == torch.float64 and torch.isfinite(ds.images).all()
+    with pytest.raises(ValueError, match="num_classes=7 but the model has 4 outputs"):
+        zsqfast.synthesize(tiny_bn_model(), 3, num_classes=7, iterations=1, progress=False, input_shape=(3, 8, 8))
+
+
+def test_unguessable_input_size_and_syncbatchnorm_say_what_to_do():
+    gray = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3)).eval()
+    with pytest.raises(ValueError, match="pass input_shape"):
+        zsqfast.synthesize(gray, 2, iterations=1, progress=False)
+    assert len(zsqfast.synthesize(gray, 2, iterations=1, progress=False, input_shape=(1, 12, 12))) == 2
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(tiny_bn_model())
+    for method in ("auto", "hast"):
+        with pytest.raises(ValueError, match="SyncBatchNorm"):
+            zsqfast.synthesize(sync, 2, method=method, iterations=1, progress=False, input_shape=(3, 8, 8))
+
+
+def test_crop_aspect_is_in_pixels_on_non_square_images():
+    from zsqfast.synthesis.recipes import crop_sides
+
+    for height, width in ((32, 32), (24, 32), (40, 28)):
+        w, h = crop_sides(4000, height, width, torch.Generator().manual_seed(0))
+        aspect = (w * width) / (h * height)
+        whole = (w == 1) & (h == 1)  # no draw fitted: the whole image
+        assert bool(((aspect[~whole] >= 0.75 - 1e-5) & (aspect[~whole] <= 4 / 3 + 1e-5)).all())
+        area = (w * h)[~whole]
+        assert bool(((area >= 0.4 - 1e-5) & (area <= 1 + 1e-5)).all()) and bool((~whole).float().mean() > 0.5)
+
+
 def test_progress_bar_shows_batch_iteration_and_loss(capsys):
     pytest.importorskip("tqdm")
     zsqfast.synthesize(tiny_bn_model(), 4, batch_size=4, iterations=3, input_shape=(3, 8, 8), progress=True)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._fileio import atomic_write_bytes
+
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: line colours of the charts, in order (named in the report's captions)
 PALETTE = {"blue": (31, 119, 180), "orange": (255, 127, 14), "green": (44, 160, 44), "red": (214, 39, 40),
@@ -35,9 +37,10 @@ def encode_png(img: np.ndarray) -> bytes:
 
 
 def write_png(path: str | Path, img: np.ndarray) -> Path:
+    """``img`` encoded as PNG into ``path`` (atomically: an interrupted write leaves no truncated file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(encode_png(img))
+    data = encode_png(img)
+    atomic_write_bytes(path, lambda f: f.write(data))
     return path
 
 

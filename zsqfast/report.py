@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._fileio import atomic_write_bytes
 from .png import PALETTE, Chart, grid, heat_rgb, to_uint8, write_png
 
 
@@ -77,7 +78,8 @@ def curves_figure(path, histories: dict) -> str:
         if not vals:
             continue
         epochs = max(len(h) for h in histories.values())
-        chart = Chart((1, max(epochs, 2)), (min(vals), max(vals)), log_y=log_y and min(vals) > 0)
+        log_y = log_y and min(vals) > 0  # a log axis needs positive values: else linear (and said so below)
+        chart = Chart((1, max(epochs, 2)), (min(vals), max(vals)), log_y=log_y)
         for (name, h), color in zip(histories.items(), PALETTE):
             pts = [(r["epoch"], r[key]) for r in h if key in r]
             if pts:
@@ -99,5 +101,6 @@ def write_markdown(path, title: str, lines: list[str], figures: list[tuple[str, 
     body = [f"# {title}", ""] + lines + [""]
     for name, caption in figures:
         body += [f"![{Path(name).stem}]({name})", "", f"*{caption}*", ""]
-    path.write_text("\n".join(body))
+    text = "\n".join(body).encode()
+    atomic_write_bytes(path, lambda f: f.write(text))
     return path

@@ -106,17 +106,25 @@ def timm_input_size(model: nn.Module) -> tuple[int, int, int] | None:
 
 
 def input_config(model: nn.Module) -> dict:
-    """``{"input_size": (C, H, W), "mean": (...), "std": (...)}``: a timm model's (:func:`timm_input_size`), else the
-    CIFAR checkpoints' (3, 32, 32) with the ImageNet constants (1 channel for ``digits_cnn``)."""
+    """``{"input_size": (C, H, W), "mean": (...), "std": (...)}``: a timm model's (:func:`timm_input_size`), the
+    demo's ``DigitsCNN`` (1, 8, 8), a torchvision model's (3, 224, 224), else the CIFAR checkpoints' (3, 32, 32),
+    all with the ImageNet constants (the digits' own scaling for ``DigitsCNN``).
+
+    Raises ValueError for any other model whose first convolution does not take 3 channels: its input size
+    cannot be guessed (pass ``input_shape=`` to the function that asked)."""
     from ..data import CIFAR_MEAN, CIFAR_STD
+    from ..demo import DigitsCNN
 
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and "input_size" in cfg:
         return dict(input_size=timm_input_size(model), mean=tuple(cfg.get("mean", CIFAR_MEAN)),
                     std=tuple(cfg.get("std", CIFAR_STD)))
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if first is not None and first.in_channels == 1:
+    if isinstance(model, DigitsCNN):
         return dict(input_size=(1, 8, 8), mean=(0.3,), std=(0.4,))  # zsqfast.demo.digits_data's scaling
+    if first is not None and first.in_channels != 3:
+        raise ValueError(f"cannot tell the input size of {type(model).__name__}: its first convolution takes "
+                         f"{first.in_channels} channels, not 3; pass input_shape=(C, H, W)")
     if type(model).__module__.startswith("torchvision"):
         return dict(input_size=(3, 224, 224), mean=CIFAR_MEAN, std=CIFAR_STD)
     return dict(input_size=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD)

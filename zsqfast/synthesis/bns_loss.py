@@ -1,4 +1,5 @@
-"""BNSLoss: the batch-norm-statistics loss of data-free synthesis, over every BatchNorm2d input of a model.
+"""BNSLoss: the batch-norm-statistics loss of data-free synthesis, over every BatchNorm2d input of a model
+(every BatchNorm2d its forward runs: one it never calls has no batch statistics and is left out).
 
 For BatchNorm layer l with input statistics (mu_l, var_l: per-channel batch mean and biased variance) and
 running statistics (rm_l, rv_l), the forms are (L = number of BatchNorm2d layers, w_l = layer weights):
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from ..ops.bn_stats import batch_stats, check_batch
 
 FORMS = ("hast", "deepinversion", "genie")
+_NOT_RUN = ("a BatchNorm2d layer that the first forward pass ran did not run in the last one (or no forward ran "
+            "yet: call bns(x) first); the BN-statistics loss needs the same layers on every forward")
 
 
 class BNSLoss:
@@ -68,6 +71,7 @@ class BNSLoss:
             if len(weights) != n:
                 raise ValueError(f"layer_weights has {len(weights)} entries but the model has {n} BatchNorm2d layers")
         self.weights = weights
+        self._settled = False  # self.layers / self.weights narrowed to the layers the first forward ran
         self._stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._handles = [m.register_forward_pre_hook(self._hook) for m in self.layers]
 
@@ -86,18 +90,31 @@ class BNSLoss:
         self._stats[module] = (mean, var, m)
         return None
 
+    def _settle(self) -> None:
+        """After the first forward pass: keep only the BatchNorm2d layers it ran, with their weights. A layer the
+        model's forward never calls (torchvision inception_v3's AuxLogits in eval mode, an unused head) has no
+        batch statistics to match; every later forward must run the same layers."""
+        if self._settled or not self._stats:
+            return
+        keep = [i for i, m in enumerate(self.layers) if m in self._stats]
+        self.layers = [self.layers[i] for i in keep]
+        self.weights = [self.weights[i] for i in keep]
+        self._settled = True
+
     def batch_statistics(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per-layer ``(mean, biased var)`` (fp32 (C,), differentiable) of the last forward pass, layer order."""
+        self._settle()
         if any(layer not in self._stats for layer in self.layers):
-            raise RuntimeError("a BatchNorm2d layer did not run in the last forward pass; call bns(x) first")
+            raise RuntimeError(_NOT_RUN)
         return [self._stats[layer][:2] for layer in self.layers]
 
     def layer_losses(self) -> list[torch.Tensor]:
         """Unweighted per-layer terms of the last forward pass (in layer order)."""
+        self._settle()
         out = []
         for layer in self.layers:
             if layer not in self._stats:
-                raise RuntimeError("a BatchNorm2d layer did not run in the last forward pass; call bns(x) first")
+                raise RuntimeError(_NOT_RUN)
             mean, var, m = self._stats[layer]
             rm, rv = layer.running_mean.to(mean.dtype), layer.running_var.to(mean.dtype)
             if self.form == "hast":

@@ -46,7 +46,8 @@ def make_centers(bns: BNSLoss, shape, num_classes: int, hp: dict, seed: int, bat
     for chunk, start in enumerate(range(0, num_classes, batch_size)):
         y = torch.arange(start, min(start + batch_size, num_classes), device=device)
         g = torch.Generator().manual_seed(seed * 1_000_003 + 500_009 + chunk)  # a stream no batch uses
-        x = torch.randn((len(y),) + tuple(shape), generator=g).to(device).requires_grad_(True)
+        dtype = bns.layers[0].running_mean.dtype  # the model's (noise drawn in fp32 on the CPU)
+        x = torch.randn((len(y),) + tuple(shape), generator=g).to(device=device, dtype=dtype).requires_grad_(True)
         opt, sched = _optimizer(x, hp["center_lr"], hp["center_min_lr"], hp["patience"])
         for _ in range(hp["center_iterations"]):
             opt.zero_grad(set_to_none=True)

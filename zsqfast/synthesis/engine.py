@@ -126,6 +126,9 @@ def resolve_method(model: nn.Module, method: str) -> str:
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     has_attn = bool(_attention_modules(model))
     name = type(model).__name__
+    if not has_bn and any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+        raise ValueError(f"{name} has SyncBatchNorm layers: synthesis matches BatchNorm2d running statistics; pass "
+                         "the model with its BatchNorm2d layers (before nn.SyncBatchNorm.convert_sync_batchnorm)")
     if method == "auto":
         if not (has_bn or has_attn):
             raise ValueError(f"{name} has no BatchNorm2d layer and no timm attention block: no synthesis method "
@@ -231,7 +234,8 @@ class _Batch:
         hp = self.hp = obj.hp
         self.obj, self.b = obj, b
         self.g = torch.Generator().manual_seed(seed * 1_000_003 + b)
-        x = torch.randn((batch,) + tuple(shape), generator=self.g).to(device)
+        dtype = next(obj.model.parameters()).dtype  # the noise is drawn in fp32 on the CPU (deterministic)
+        x = torch.randn((batch,) + tuple(shape), generator=self.g).to(device=device, dtype=dtype)
         self.y = torch.randint(0, num_classes, (batch,), generator=self.g).to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -378,8 +382,9 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
         seed: batch b is fully determined by (seed, b).
         out: directory for shards + index; an existing run there is resumed (its settings must match).
         input_shape: (C, H, W); default :func:`zsqfast.models.loading.input_config` (a timm model's size,
-            its patch embedding's ``img_size`` included; 224 for torchvision; else (3, 32, 32)).
-        num_classes: default: the size of the model's output.
+            its patch embedding's ``img_size`` included; 224 for torchvision; else (3, 32, 32); a ValueError
+            for a model whose first convolution does not take 3 channels).
+        num_classes: default: the size of the model's output (ValueError when larger than it).
         calibration_centers: SynQ's calibration centers + layered BNS (BNS methods; centers.py).
         precision: ``"fp32"`` or ``"bf16"`` (autocast of the model's forward and backward; opt-in).
         channels_last: run convolutions on channels-last images and weights (faster on CPU and GPU).
@@ -413,14 +418,18 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
     diverged = None  # this rank's non-finite loss (several ranks: every rank raises it after its batches)
     if world > 1 and out is None:
         raise ValueError("a multi-process synthesis needs out= (a directory every rank can write)")
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     channels_last = channels_last and len(shape) == 3
     with _synthesis_mode(model, channels_last):
         obj = _Objective(model, hp, precision, device.type)
         try:
+            with torch.no_grad():  # one probe: the model's class count, and the BN layers its forward runs
+                outputs = int(obj.forward(torch.zeros((1,) + shape, device=device, dtype=dtype))[0].shape[1])
             if num_classes is None:
-                with torch.no_grad():
-                    num_classes = int(obj.forward(torch.zeros((1,) + shape, device=device))[0].shape[1])
+                num_classes = outputs
+            elif num_classes > outputs:
+                raise ValueError(f"num_classes={num_classes} but the model has {outputs} outputs: the labels would "
+                                 f"index past its logits; pass num_classes <= {outputs} (or leave it out)")
             n_batches = (num_images + batch_size - 1) // batch_size
             meta = dict(method=method, num_images=num_images, batch_size=batch_size, iterations=iterations, seed=seed,
                         num_batches=n_batches, input_shape=list(shape), num_classes=num_classes,

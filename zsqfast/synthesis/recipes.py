@@ -73,19 +73,27 @@ def resolve(method: str, overrides: dict, shape, model) -> dict:
     return hp
 
 
+def crop_sides(n: int, height: int, width: int, g: torch.Generator, scale=(0.4, 1.0), attempts: int = 10):
+    """``(w, h)``, float32 (n,) each: RandomResizedCrop's crop sides as fractions of the image's W and H: area
+    ``a * H * W`` pixels with a ~ U(scale), pixel aspect ``w_px / h_px = r`` with log r ~ U(log 3/4, log 4/3);
+    the first of ``attempts`` draws that fits in the image, else the whole image."""
+    area = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=g)
+    ratio = torch.exp(torch.empty(n, attempts).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
+    hw = height / width  # w = w_px / W = sqrt(a r H / W), h = h_px / H = sqrt(a W / (r H))
+    w, h = torch.sqrt(area * ratio * hw), torch.sqrt(area / ratio / hw)
+    fits = (w <= 1) & (h <= 1)
+    first = fits.float().argmax(1, keepdim=True)
+    found = fits.any(1)
+    return (torch.where(found, w.gather(1, first).squeeze(1), 1.0),
+            torch.where(found, h.gather(1, first).squeeze(1), 1.0))
+
+
 def random_resized_crop_flip(x: torch.Tensor, g: torch.Generator, scale=(0.4, 1.0), attempts: int = 10) -> torch.Tensor:
     """Per image, torchvision's RandomResizedCrop sampling (area fraction U(scale), aspect ratio log-uniform in
     [3/4, 4/3]; the first of ``attempts`` draws that fits, else the whole image), the crop resized back to
     H x W (bilinear, one batched grid_sample over the batch), then a horizontal flip with p 0.5."""
     n = x.shape[0]
-    area = torch.empty(n, attempts).uniform_(scale[0], scale[1], generator=g)
-    ratio = torch.exp(torch.empty(n, attempts).uniform_(math.log(3 / 4), math.log(4 / 3), generator=g))
-    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)        # crop sides as fractions of W and H
-    fits = (w <= 1) & (h <= 1)
-    first = fits.float().argmax(1, keepdim=True)
-    found = fits.any(1)
-    w = torch.where(found, w.gather(1, first).squeeze(1), 1.0)
-    h = torch.where(found, h.gather(1, first).squeeze(1), 1.0)
+    w, h = crop_sides(n, x.shape[-2], x.shape[-1], g, scale, attempts)
     cx = (torch.rand(n, generator=g) * 2 - 1) * (1 - w)            # centre in [-1, 1] units, inside the image
     cy = (torch.rand(n, generator=g) * 2 - 1) * (1 - h)
     sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)  # -1 = flipped
