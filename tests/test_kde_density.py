@@ -83,7 +83,7 @@ def test_errors_opcheck_gradcheck():
 
 
 def test_kde_entropy_is_psaq_formula():
-    # H = trapz(-p log(p + 1e-4)) with p the KDE at 10 points over [min, max] (PSAQ-ViT), gradient through p
+    # H = trapz(-(p + 1e-4) log(p + 1e-4)) with p the KDE at 10 points over [min, max] (PSAQ-ViT), gradient through p
     g = torch.Generator().manual_seed(4)
     v = torch.rand(3, 500, generator=g).requires_grad_(True)
     got = kde_entropy(v, 0.01, 10)
@@ -92,11 +92,21 @@ def test_kde_entropy_is_psaq_formula():
     t = lo + (hi - lo) * torch.linspace(0, 1, 10, dtype=torch.float64)
     z = (t.unsqueeze(2) - vd.unsqueeze(1)) / 0.01
     p = torch.exp(-0.5 * z * z).mean(2) / (0.01 * math.sqrt(2 * math.pi))
-    want = torch.trapezoid(-p * torch.log(p + 1e-4), t, dim=1)
+    want = torch.trapezoid(-(p + 1e-4) * torch.log(p + 1e-4), t, dim=1)
     assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6)  # fp32 grid, log and trapezoid
     got.sum().backward()
     want.sum().backward()
     assert (v.grad.double() - vd.grad).abs().max() <= 1e-4 * vd.grad.abs().max()
+    # grid="batch": one grid over the whole batch's [min, max] (PSAQ-ViT's generate_data.py)
+    w = v.detach() * torch.tensor([[1.0], [0.5], [0.25]])
+    tb = w.double().min() + (w.double().max() - w.double().min()) * torch.linspace(0, 1, 10, dtype=torch.float64)
+    zb = (tb.view(1, -1, 1) - w.double().unsqueeze(1)) / 0.01
+    pb = torch.exp(-0.5 * zb * zb).mean(2) / (0.01 * math.sqrt(2 * math.pi))
+    want_b = torch.trapezoid(-(pb + 1e-4) * torch.log(pb + 1e-4), tb.expand(3, -1), dim=1)
+    assert torch.allclose(kde_entropy(w, 0.01, 10, grid="batch").double(), want_b, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(kde_entropy(w, 0.01, 10).double(), want_b, rtol=1e-3)
+    with pytest.raises(ValueError, match="grid"):
+        kde_entropy(w, grid="row")
 
 
 def test_grid_gradient_double_backward_and_isa_sizes(cpu_isa):

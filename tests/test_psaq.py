@@ -38,7 +38,7 @@ def _naive_entropies(model, x, bw=0.01, points=10):
             grid = np.linspace(vals.min(), vals.max(), points)
             p = np.array([np.exp(-(t_ - vals) ** 2 / (2 * bw * bw)).mean() / (bw * math.sqrt(2 * math.pi))
                           for t_ in grid])
-            y = -p * np.log(p + 1e-4)
+            y = -(p + 1e-4) * np.log(p + 1e-4)
             row.append(float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(grid))))
         rows.append(row)
     return torch.tensor(rows, dtype=torch.float64)
@@ -76,6 +76,64 @@ def test_psaq_vit_synthesis_raises_entropy_and_resumes(tmp_path):
     zsqfast.synthesize(model, 6, out=tmp_path, max_batches=1, **kw)
     resumed = zsqfast.synthesize(model, 6, out=tmp_path, **kw)
     assert torch.equal(resumed.images, full.images)
+
+
+def test_psaq_vit_recipe_follows_the_official_generation():
+    """Two stages, each with a warm-up + cosine schedule and its own jitter limit (one offset for both axes),
+    Adam betas (0.5, 0.9), the images clipped to the pixel range after every step, one TV target per batch."""
+    from zsqfast.synthesis import recipes
+    from zsqfast.synthesis.engine import _Batch, _Objective
+
+    model = tiny_vit()
+    hp = recipes.resolve("psaq-vit", {}, (3, 224, 224), model)
+    assert hp["jitter"] == (15, 30) and hp["betas"] == (0.5, 0.9) and hp["stages"] == 2 and hp["clip"]
+    assert hp["kde_grid"] == "batch" and hp["mean"] == tuple(model.pretrained_cfg["mean"])
+    hp32 = recipes.resolve("psaq-vit", {}, (3, 32, 32), model)
+    assert hp32["jitter"] == (2, 4)
+    assert [recipes.stage_of(i, 1000, 2)[:2] for i in (0, 499, 500, 999)] == [(0, 0), (0, 499), (1, 0), (1, 499)]
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.float32).reshape(2, 3, 16, 16)
+    for _ in range(20):  # shared offset: the roll moves rows and columns by the same amount
+        y = recipes.augment(x, dict(hp32, flip=False), g, stage=1)
+        shifts = [(dx, dy) for dx in range(-4, 5) for dy in range(-4, 5)
+                  if torch.equal(y, torch.roll(x, shifts=(dx, dy), dims=(2, 3)))]
+        assert shifts and all(dx == dy for dx, dy in shifts)
+    hp = recipes.resolve("psaq-vit", {"warmup": 2}, (3, 16, 16), model)
+    obj = _Objective(model, hp, "fp32", "cpu")
+    try:
+        state = _Batch(obj, (3, 16, 16), 5, 0, 4, 0, False, torch.device("cpu"), iterations=10)
+        target, lrs = state.tv_target, []
+        lo, hi = recipes.clip_bounds(hp, 3, "cpu", torch.float32)
+        for it in range(10):
+            lrs.append(state.opt.param_groups[0]["lr"])
+            state.step(it)
+            assert bool(((state.x >= lo) & (state.x <= hi)).all())
+        assert state.tv_target == target and 2500 <= target <= 3000
+    finally:
+        obj.close()
+    lr = hp["lr"]
+    assert lrs[0] == pytest.approx(lr / 2) and lrs[1] == pytest.approx(lr)  # warm-up of 2 iterations
+    assert lrs[5] == pytest.approx(lr / 2) and lrs[6] == pytest.approx(lr)  # the second stage restarts it
+    assert lrs[4] < lrs[2]
+
+
+def test_runs_stored_before_new_hyperparameters_still_resume(tmp_path):
+    """A stored HAST run whose index lacks the hyperparameters added later (their values then were
+    recipes.LEGACY's) resumes; a stored value that differs is still refused."""
+    import json
+
+    from zsqfast.synthesis import recipes
+
+    kw = dict(iterations=2, batch_size=2, progress=False, input_shape=(3, 8, 8))
+    zsqfast.synthesize(tiny_bn_model(), 4, out=tmp_path, max_batches=1, **kw)
+    index = json.loads((tmp_path / "index.json").read_text())
+    for k in recipes.LEGACY:
+        del index["meta"]["hyperparameters"][k]
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    assert torch.equal(zsqfast.synthesize(tiny_bn_model(), 4, out=tmp_path, **kw).images,
+                       zsqfast.synthesize(tiny_bn_model(), 4, **kw).images)
+    with pytest.raises(ValueError, match="clip"):
+        zsqfast.synthesize(tiny_bn_model(), 4, out=tmp_path, clip=True, mean=(0.5,), std=(0.5,), **kw)
 
 
 def test_psaq_vit_needs_attention_and_bns_needs_batchnorm():

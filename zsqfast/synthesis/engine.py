@@ -193,7 +193,8 @@ class _Objective:
     def __init__(self, model: nn.Module, hp: dict, precision: str, device_type: str):
         self.hp, self.targets = hp, None
         self.bns = BNSLoss(model, hp["bns_form"]) if hp["bns_form"] else None
-        self.pe = PatchEntropy(model, hp["kde_bandwidth"], hp["kde_points"]) if hp["entropy"] else None
+        self.pe = PatchEntropy(model, hp["kde_bandwidth"], hp["kde_points"], hp["kde_grid"]) if hp["entropy"] \
+            else None
         self.model = model
         self.autocast = (torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16"
                          else contextlib.nullcontext())
@@ -207,10 +208,11 @@ class _Objective:
                 return self.pe(x)
             return self.model(x), None
 
-    def loss(self, x_opt, inp, y, g) -> torch.Tensor:
+    def loss(self, inp, y, tv_target: float = 0.0) -> torch.Tensor:
+        """The recipe's loss on the (augmented) images ``inp`` the model sees, labels ``y``."""
         hp = self.hp
         logits, aux = self.forward(inp)
-        loss = recipes.class_loss(logits, y, hp) + recipes.prior_loss(x_opt, hp, g)
+        loss = recipes.class_loss(logits, y, hp) + recipes.prior_loss(inp, hp, tv_target)
         if self.bns is not None:
             scale = hp["lbns_bns_scale"] if self.targets is not None else 1.0
             loss = loss + scale * aux
@@ -237,6 +239,9 @@ class _Batch:
         dtype = next(obj.model.parameters()).dtype  # the noise is drawn in fp32 on the CPU (deterministic)
         x = torch.randn((batch,) + tuple(shape), generator=self.g).to(device=device, dtype=dtype)
         self.y = torch.randint(0, num_classes, (batch,), generator=self.g).to(device)
+        self.tv_target = recipes.tv_target(hp, self.g)  # once per batch (PSAQ-ViT's var_pred)
+        self.bounds = recipes.clip_bounds(hp, shape[0], device, dtype) if len(shape) == 3 else None
+        self.iterations = iterations
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         self.x = x.requires_grad_(True)
@@ -245,17 +250,24 @@ class _Batch:
         if hp["scheduler"] == "plateau":
             self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, patience=hp["patience"],
                                                                     min_lr=hp["min_lr"])
-        elif hp["scheduler"] == "cosine":  # DeepInversion's lr_cosine_policy: linear warm-up, then cosine to 0
-            w, span = hp["warmup"], max(1, iterations - hp["warmup"])
-            self.sched = torch.optim.lr_scheduler.LambdaLR(
-                self.opt, lambda e: (e + 1) / w if e < w else 0.5 * (1 + math.cos(math.pi * (e - w) / span)))
+        elif hp["scheduler"] == "cosine":  # lr_cosine_policy per stage: linear warm-up, then cosine to 0
+            w, stages = hp["warmup"], hp["stages"]
+
+            def factor(e):
+                _, i, n = recipes.stage_of(e, iterations, stages)
+                return (i + 1) / w if i < w else 0.5 * (1 + math.cos(math.pi * (i - w) / max(1, n - w)))
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, factor)
 
     def step(self, it: int = 0) -> float:
         """One iteration: augment, forward, loss, input-gradient backward, Adam step, scheduler step."""
         self.opt.zero_grad(set_to_none=True)
-        loss = self.obj.loss(self.x, recipes.augment(self.x, self.hp, self.g), self.y, self.g)
+        stage = recipes.stage_of(it, self.iterations, self.hp["stages"])[0]
+        loss = self.obj.loss(recipes.augment(self.x, self.hp, self.g, stage), self.y, self.tv_target)
         loss.backward()
         self.opt.step()
+        if self.bounds is not None:  # back into the valid pixel range (DeepInversion / PSAQ-ViT ``clip``)
+            with torch.no_grad():
+                self.x.clamp_(*self.bounds)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(f"synthesis loss became {value} at batch {self.b}, iteration {it}; lower lr")
@@ -443,7 +455,7 @@ def synthesize(model: nn.Module, num_images: int, *, method: str = "hast", batch
                     err = None
                     if turn:
                         try:
-                            index = store.open(meta)
+                            index = store.open(meta, {"hyperparameters": recipes.LEGACY})
                         except ValueError as e:
                             err = str(e)
                     agree(err)

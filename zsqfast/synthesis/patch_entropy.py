@@ -3,10 +3,13 @@
 For every attention block l, the block's attention output ``attn @ v`` (B, h, N, d) is averaged over the
 heads, the class / prefix tokens are dropped, and the pairwise cosine similarities of the remaining patch
 features form S_l (B, N', N'). Per image, the M = N'^2 similarity values v_j get a Gaussian kernel density
-estimate (bandwidth ``bw`` = 0.01) evaluated at ``points`` = 10 equally spaced t_k in [min_j v_j, max_j v_j]:
+estimate (bandwidth ``bw`` = 0.01) evaluated at ``points`` = 10 equally spaced t_k in [lo, hi]:
 
     p(t_k) = 1 / (M bw sqrt(2 pi)) * sum_j exp(-(t_k - v_j)^2 / (2 bw^2)),
-    H_l    = trapz_k(-p(t_k) log(p(t_k) + 1e-4), t_k)
+    H_l    = trapz_k(-(p(t_k) + 1e-4) log(p(t_k) + 1e-4), t_k)
+
+with ``grid="batch"`` (synthesis, as PSAQ-ViT's generate_data.py) lo, hi the min / max of the whole batch's
+similarities, and ``grid="image"`` (filtering: a score that does not depend on the other images) each image's own.
 
 (PSAQ-ViT, zkkli/PSAQ-ViT; ../shared/reference/zsq-semantics.md). A high entropy means diverse patches (a
 real-image-like response); PSAQ-ViT maximises ``sum_l H_l``. Swin's window attention has no class token:
@@ -37,15 +40,22 @@ def _attention_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return found
 
 
-def kde_entropy(values: torch.Tensor, bandwidth: float = 0.01, points: int = 10) -> torch.Tensor:
-    """Entropy of a Gaussian KDE of each row of ``values`` (B, M) on ``points`` grid points; float32 (B,)."""
+GRIDS = ("image", "batch")
+
+
+def kde_entropy(values: torch.Tensor, bandwidth: float = 0.01, points: int = 10, grid: str = "image") -> torch.Tensor:
+    """Entropy of a Gaussian KDE of each row of ``values`` (B, M) on ``points`` grid points over each row's
+    (``grid="image"``) or the whole batch's (``"batch"``) value range (module docstring); float32 (B,)."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
     v = values.float()
-    lo, hi = v.detach().amin(1, keepdim=True), v.detach().amax(1, keepdim=True)
+    dims = (0, 1) if grid == "batch" else (1,)
+    lo, hi = v.detach().amin(dims, keepdim=True), v.detach().amax(dims, keepdim=True)
     steps = torch.linspace(0.0, 1.0, points, device=v.device, dtype=v.dtype)
-    grid = lo + (hi - lo) * steps                                   # (B, K)
+    t = (lo + (hi - lo) * steps).expand(v.shape[0], points)        # (B, K)
     # p(t_k) = mean_j N(t_k; v_j, bw) (zsqfast::kde_density: no (B, K, M) kernel matrix on the CPU)
-    p = kde_density(v.contiguous(), grid.contiguous(), float(bandwidth))
-    return torch.trapezoid(-p * torch.log(p + 1e-4), grid, dim=1)
+    p = kde_density(v.contiguous(), t.contiguous(), float(bandwidth)) + 1e-4
+    return torch.trapezoid(-p * torch.log(p), t, dim=1)
 
 
 def patch_similarity(feat: torch.Tensor, heads: int, prefix: int) -> torch.Tensor:
@@ -60,8 +70,10 @@ class PatchEntropy:
     """``logits, entropies = pe(x)``: runs ``model`` and returns float32 (L, B), the patch-similarity entropy
     H_l of every image (columns) at every attention block (rows). Hooks stay until :meth:`remove` / ``with``."""
 
-    def __init__(self, model: nn.Module, bandwidth: float = 0.01, points: int = 10):
-        self.model, self.bandwidth, self.points = model, bandwidth, points
+    def __init__(self, model: nn.Module, bandwidth: float = 0.01, points: int = 10, grid: str = "image"):
+        if grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+        self.model, self.bandwidth, self.points, self.grid = model, bandwidth, points, grid
         self.blocks = _attention_modules(model)
         if not self.blocks:
             raise ValueError(f"{type(model).__name__} has no timm attention block (Attention / WindowAttention): "
@@ -81,10 +93,10 @@ class PatchEntropy:
         for feat, m, kind in self._feats:
             if kind == "vit":
                 sim = patch_similarity(feat, m.num_heads, self.prefix)
-                rows.append(kde_entropy(sim.reshape(batch, -1), self.bandwidth, self.points))
+                rows.append(kde_entropy(sim.reshape(batch, -1), self.bandwidth, self.points, self.grid))
             else:  # (B * windows, N_w, C): an image's values are those of all its windows
                 sim = patch_similarity(feat, m.num_heads, 0)
-                rows.append(kde_entropy(sim.reshape(batch, -1), self.bandwidth, self.points))
+                rows.append(kde_entropy(sim.reshape(batch, -1), self.bandwidth, self.points, self.grid))
         return torch.stack(rows)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,19 +8,30 @@ bns_form           BNSLoss form ("hast", "deepinversion"), None = no BN-statisti
 lr, betas          Adam's learning rate and betas
 scheduler          "plateau": ReduceLROnPlateau(patience ``patience``, min_lr ``min_lr``) stepped on the
                    loss every iteration (HAST / SynQ); "cosine": DeepInversion's lr_cosine_policy (linear
-                   warm-up over ``warmup`` iterations, then cosine decay to 0); None: constant
+                   warm-up over ``warmup`` iterations, then cosine decay to 0), restarted in every stage;
+                   None: constant
+stages             the iterations split into this many near-equal stages (PSAQ-ViT: 2), each with its own
+                   cosine schedule and jitter limit
 hard_beta/gamma    HAST hard-sample inception loss ``beta * mean((1 - p_y)^gamma * CE_i)``; None =
                    (10, 2) for inputs <= 64 px (CIFAR), (0.1, 0.5) for larger ones (ImageNet), as HAST
 ce                 plain cross-entropy weight (DeepInversion, PSAQ-ViT)
 tv_l2, l2          DeepInversion priors: ``tv_l2 * TV_L2(x) + l2 * mean_i ||x_i||_2`` with DeepInversion's
                    TV_L2 = sum of the L2 norms of the 4 neighbour differences (axis and diagonal)
-tv_band, tv_weight PSAQ-ViT prior ``tv_weight * |TV_L2(x) - U(tv_band)|`` (0.05, U(2500, 3000))
+tv_band, tv_weight PSAQ-ViT prior ``tv_weight * |TV_L2(x) - t|``, t ~ U(tv_band) drawn once per batch
+                   (0.05, U(2500, 3000); the official band is for batch 32 at 224 px: TV_L2 grows with the
+                   batch and the image size)
 entropy            PSAQ-ViT: weight of ``-sum_l mean_b H_l`` (patch-similarity entropy), 0 = off
-kde_bandwidth/...  PSAQ-ViT's KDE bandwidth (0.01) and grid points (10)
+kde_bandwidth/...  PSAQ-ViT's KDE bandwidth (0.01), grid points (10) and ``kde_grid``: the grid over the whole
+                   batch's similarities ("batch", PSAQ-ViT) or each image's ("image")
 aug_p, crop_scale  with probability ``aug_p`` per iteration, per-image random resized crop (torchvision's
                    sampling: area fraction U(crop_scale), aspect ratio in [3/4, 4/3]; bilinear) + flip
                    p 0.5; None = 0.5 / (0.4, 1) for ImageNet-size inputs and off for CIFAR, as HAST/SynQ
-jitter, flip       DeepInversion: random roll by up to ``jitter`` px and a whole-batch flip p 0.5
+jitter, flip       random roll by up to ``jitter`` px (an int, or one per stage; None = DeepInversion's 2 px
+                   for CIFAR-size inputs and 30 for larger ones, PSAQ-ViT's 15 then 30 px scaled by size / 224),
+                   one offset per axis or, ``jitter_shared``, one for both (PSAQ-ViT); a whole-batch flip p 0.5
+clip, mean, std    after every step, clamp the images to the normalised pixel range [(0 - mean) / std,
+                   (1 - mean) / std] per channel (DeepInversion, PSAQ-ViT); mean / std None = the model's input
+                   normalisation (zsqfast.models.loading.input_config)
 lbns_*             calibration centers + layered BNS (``calibration_centers=True``): see centers.py
 =================  ================================================================================
 """
@@ -32,10 +43,10 @@ import torch
 import torch.nn.functional as F
 
 _COMMON = dict(bns_form="hast", lr=0.5, betas=(0.9, 0.999), scheduler="plateau", patience=50, min_lr=1e-4,
-               warmup=100,
+               warmup=100, stages=1,
                hard_beta=None, hard_gamma=None, ce=0.0, tv_l2=0.0, l2=0.0, tv_band=(2500.0, 3000.0),
-               tv_weight=0.0, entropy=0.0, kde_bandwidth=0.01, kde_points=10, aug_p=None, crop_scale=(0.4, 1.0),
-               jitter=0, flip=False,
+               tv_weight=0.0, entropy=0.0, kde_bandwidth=0.01, kde_points=10, kde_grid="image", aug_p=None,
+               crop_scale=(0.4, 1.0), jitter=0, jitter_shared=False, flip=False, clip=False, mean=None, std=None,
                # calibration centers + layered BNS (SynQ --lbns); used only with calibration_centers=True
                center_iterations=1500, center_lr=0.5, center_min_lr=0.05, center_ce=5.0, center_clamp=3.0,
                center_shallow_weight=0.2, center_deep_weight=1.1, lbns_bns_scale=0.4, lbns_center_weight=0.02)
@@ -43,11 +54,18 @@ _COMMON = dict(bns_form="hast", lr=0.5, betas=(0.9, 0.999), scheduler="plateau",
 METHODS = {
     "hast": dict(_COMMON),
     "deepinversion": dict(_COMMON, bns_form="deepinversion", lr=0.2, betas=(0.5, 0.9), scheduler="cosine",
-                          hard_beta=0.0, hard_gamma=0.0, ce=1.0, tv_l2=1e-4, l2=1e-5, aug_p=0.0, jitter=2,
-                          flip=True),
-    "psaq-vit": dict(_COMMON, bns_form=None, lr=None, scheduler=None, hard_beta=0.0, hard_gamma=0.0, ce=1.0,
-                     tv_weight=0.05, entropy=1.0, aug_p=0.0),
+                          hard_beta=0.0, hard_gamma=0.0, ce=1.0, tv_l2=1e-4, l2=1e-5, aug_p=0.0, jitter=None,
+                          flip=True, clip=True),
+    # zkkli/PSAQ-ViT generate_data.py: two stages of 500 iterations, each with its own warm-up + cosine and
+    # its own jitter limit (15, then 30 px at 224), one offset for both axes, a flip p 0.5, images clipped to
+    # the valid pixel range after every step, the TV target drawn once, the KDE grid over the batch
+    "psaq-vit": dict(_COMMON, bns_form=None, lr=None, betas=(0.5, 0.9), scheduler="cosine", stages=2,
+                     hard_beta=0.0, hard_gamma=0.0, ce=1.0, tv_weight=0.05, entropy=1.0, kde_grid="batch", aug_p=0.0,
+                     jitter=None, jitter_shared=True, flip=True, clip=True),
 }
+#: hyperparameters added after runs were first stored, with the values that reproduce those runs: a stored run
+#: lacking one resumes when it is requested at this value (ShardStore.open)
+LEGACY = dict(stages=1, kde_grid="image", jitter_shared=False, clip=False, mean=None, std=None)
 DEFAULT_BATCH = {"hast": 256, "deepinversion": 256, "psaq-vit": 32}
 
 
@@ -70,7 +88,60 @@ def resolve(method: str, overrides: dict, shape, model) -> dict:
         hp["aug_p"] = 0.0 if small else 0.5
     if hp["lr"] is None:  # PSAQ-ViT: 0.25 for Swin, 0.2 otherwise
         hp["lr"] = 0.25 if "swin" in type(model).__name__.lower() else 0.2
+    if not (isinstance(hp["stages"], int) and hp["stages"] >= 1):
+        raise ValueError(f"stages must be a positive int, got {hp['stages']!r}")
+    if hp["jitter"] is None:  # the official limits at 224 px (DeepInversion 30; PSAQ-ViT 15, 30), scaled
+        if hp["stages"] > 1:  # PSAQ-ViT: the limit doubles in its second stage
+            base = 15 * max(shape[1:]) / 224
+            hp["jitter"] = tuple(max(1, round(base * (k + 1))) for k in range(hp["stages"]))
+        else:
+            hp["jitter"] = 2 if small else 30  # DeepInversion's CIFAR / ImageNet scripts
+    jitter_of(hp, 0)  # checked here, before any work
+    if hp["kde_grid"] not in ("image", "batch"):
+        raise ValueError(f"kde_grid must be 'image' or 'batch', got {hp['kde_grid']!r}")
+    if hp["clip"] and (hp["mean"] is None or hp["std"] is None):  # the model's input normalisation
+        from ..models.loading import input_config
+
+        cfg = input_config(model)
+        hp["mean"] = tuple(float(v) for v in (hp["mean"] or cfg["mean"]))
+        hp["std"] = tuple(float(v) for v in (hp["std"] or cfg["std"]))
     return hp
+
+
+def jitter_of(hp: dict, stage: int) -> int:
+    """The jitter limit (px) of ``stage``: ``hp["jitter"]``, an int for every stage or a tuple of one per stage."""
+    jit = hp["jitter"] if isinstance(hp["jitter"], (tuple, list)) else (hp["jitter"],) * hp["stages"]
+    if len(jit) != hp["stages"] or any(isinstance(j, bool) or not isinstance(j, int) or j < 0 for j in jit):
+        raise ValueError(f"jitter must be an int >= 0 or one per stage ({hp['stages']}), got {hp['jitter']!r}")
+    return jit[stage]
+
+
+def stage_of(it: int, iterations: int, stages: int) -> tuple[int, int, int]:
+    """``(stage, iteration inside it, its length)`` of iteration ``it`` of ``iterations`` split into ``stages``
+    near-equal stages (the first ones one longer when they do not divide)."""
+    base, extra = divmod(iterations, stages)
+    lengths = [base + (k < extra) for k in range(stages)]
+    start = 0
+    for k, n in enumerate(lengths):
+        if it < start + n or k == stages - 1:
+            return k, it - start, max(n, 1)
+        start += n
+    raise AssertionError("unreachable")
+
+
+def clip_bounds(hp: dict, channels: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(lo, hi)`` (1, C, 1, 1): the normalised values of pixels 0 and 1 per channel, ``(0 - mean) / std`` and
+    ``(1 - mean) / std`` (DeepInversion's and PSAQ-ViT's ``clip``), or None when clipping is off."""
+    if not hp["clip"]:
+        return None
+    mean, std = list(hp["mean"]), list(hp["std"])
+    if len(mean) == 1:
+        mean, std = mean * channels, std * channels
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"clip needs one mean / std per input channel ({channels}), got {len(mean)} / {len(std)}")
+    m = torch.tensor(mean, dtype=torch.float64).reshape(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).reshape(1, -1, 1, 1)
+    return (-m / s).to(device, dtype), ((1 - m) / s).to(device, dtype)
 
 
 def crop_sides(n: int, height: int, width: int, g: torch.Generator, scale=(0.4, 1.0), attempts: int = 10):
@@ -113,12 +184,14 @@ def tv_l2_deepinversion(x: torch.Tensor) -> torch.Tensor:
     return sum(torch.linalg.vector_norm(d) for d in (d1, d2, d3, d4))
 
 
-def augment(x: torch.Tensor, hp: dict, g: torch.Generator) -> torch.Tensor:
-    """The per-iteration input transform of the recipe (identity when every augmentation is off)."""
+def augment(x: torch.Tensor, hp: dict, g: torch.Generator, stage: int = 0) -> torch.Tensor:
+    """The per-iteration input transform of the recipe in ``stage`` (identity when every augmentation is off)."""
     if hp["aug_p"] and bool(torch.rand((), generator=g) < hp["aug_p"]):
         x = random_resized_crop_flip(x, g, hp["crop_scale"])
-    if hp["jitter"]:
-        dx, dy = torch.randint(-hp["jitter"], hp["jitter"] + 1, (2,), generator=g).tolist()
+    lim = jitter_of(hp, stage)
+    if lim:  # a roll by up to lim px: one offset for both axes (PSAQ-ViT) or one each (DeepInversion)
+        dx, dy = torch.randint(-lim, lim + 1, (1 if hp["jitter_shared"] else 2,), generator=g).tolist() * \
+            (2 if hp["jitter_shared"] else 1)
         x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
     if hp["flip"] and bool(torch.rand((), generator=g) < 0.5):
         x = torch.flip(x, dims=(3,))
@@ -138,16 +211,23 @@ def class_loss(logits: torch.Tensor, y: torch.Tensor, hp: dict) -> torch.Tensor:
     return loss
 
 
-def prior_loss(x: torch.Tensor, hp: dict, g: torch.Generator) -> torch.Tensor:
-    """DeepInversion and PSAQ-ViT image priors on the optimised images x (0-dim)."""
+def tv_target(hp: dict, g: torch.Generator) -> float:
+    """PSAQ-ViT's TV target U(tv_band), drawn once per batch (0.0 when its prior is off: nothing drawn)."""
+    if not hp["tv_weight"]:
+        return 0.0
+    lo, hi = hp["tv_band"]
+    return lo + (hi - lo) * float(torch.rand((), generator=g))
+
+
+def prior_loss(x: torch.Tensor, hp: dict, target: float = 0.0) -> torch.Tensor:
+    """DeepInversion and PSAQ-ViT image priors (0-dim) on the images x the model sees (after the jitter and
+    flip, as both official codes), ``target`` the batch's TV target (:func:`tv_target`)."""
     loss = x.new_zeros(())
     if hp["tv_l2"] or hp["tv_weight"]:
         tv = tv_l2_deepinversion(x)
         if hp["tv_l2"]:
             loss = loss + hp["tv_l2"] * tv
         if hp["tv_weight"]:
-            lo, hi = hp["tv_band"]
-            target = lo + (hi - lo) * float(torch.rand((), generator=g))
             loss = loss + hp["tv_weight"] * (tv - target).abs()
     if hp["l2"]:
         loss = loss + hp["l2"] * torch.linalg.vector_norm(x.flatten(1), dim=1).mean()

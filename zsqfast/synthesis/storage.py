@@ -35,15 +35,23 @@ class ShardStore:
         with open(self.index_path) as f:
             return json.load(f)
 
-    def open(self, meta: dict) -> dict:
+    def open(self, meta: dict, legacy: dict[str, dict] | None = None) -> dict:
         """The index for a run described by ``meta``: the existing one when it matches (resume), a new one when
-        there is none. A directory holding a different run raises ValueError saying what differs."""
+        there is none. A directory holding a different run raises ValueError saying what differs.
+
+        ``legacy``: per key of ``meta`` holding a dict (e.g. "hyperparameters"), the values of entries added
+        after runs were first stored that reproduce those runs; a stored dict lacking such an entry matches
+        when it is requested at that value."""
         index = self.load_index()
         if index is None:
             index = {"meta": meta, "batches": {}}
             self._write_index(index)
             return index
-        diff = {k: (index["meta"].get(k), v) for k, v in meta.items() if index["meta"].get(k) != v}
+        stored = dict(index["meta"])
+        for k, old in (legacy or {}).items():
+            if isinstance(stored.get(k), dict):
+                stored[k] = {**old, **stored[k]}
+        diff = {k: (stored.get(k), v) for k, v in meta.items() if stored.get(k) != v}
         if diff:
             details = "; ".join(f"{k}: stored {a!r}, requested {b!r}" for k, (a, b) in diff.items())
             raise ValueError(f"{self.root} holds a different synthesis run ({details}); use another output "
