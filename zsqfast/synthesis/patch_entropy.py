@@ -43,11 +43,16 @@ def _attention_modules(model: nn.Module) -> list[tuple[nn.Module, str]]:
 GRIDS = ("image", "batch")
 
 
+def check_grid(grid: str, name: str = "grid") -> None:
+    """ValueError (naming the option ``name``) unless ``grid`` is one of :data:`GRIDS`."""
+    if grid not in GRIDS:
+        raise ValueError(f"{name} must be one of {GRIDS}, got {grid!r}")
+
+
 def kde_entropy(values: torch.Tensor, bandwidth: float = 0.01, points: int = 10, grid: str = "image") -> torch.Tensor:
     """Entropy of a Gaussian KDE of each row of ``values`` (B, M) on ``points`` grid points over each row's
     (``grid="image"``) or the whole batch's (``"batch"``) value range (module docstring); float32 (B,)."""
-    if grid not in GRIDS:
-        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    check_grid(grid)
     v = values.float()
     dims = (0, 1) if grid == "batch" else (1,)
     lo, hi = v.detach().amin(dims, keepdim=True), v.detach().amax(dims, keepdim=True)
@@ -71,8 +76,7 @@ class PatchEntropy:
     H_l of every image (columns) at every attention block (rows). Hooks stay until :meth:`remove` / ``with``."""
 
     def __init__(self, model: nn.Module, bandwidth: float = 0.01, points: int = 10, grid: str = "image"):
-        if grid not in GRIDS:
-            raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+        check_grid(grid)
         self.model, self.bandwidth, self.points, self.grid = model, bandwidth, points, grid
         self.blocks = _attention_modules(model)
         if not self.blocks:

@@ -42,6 +42,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .patch_entropy import check_grid
+
 _COMMON = dict(bns_form="hast", lr=0.5, betas=(0.9, 0.999), scheduler="plateau", patience=50, min_lr=1e-4,
                warmup=100, stages=1,
                hard_beta=None, hard_gamma=None, ce=0.0, tv_l2=0.0, l2=0.0, tv_band=(2500.0, 3000.0),
@@ -97,8 +99,7 @@ def resolve(method: str, overrides: dict, shape, model) -> dict:
         else:
             hp["jitter"] = 2 if small else 30  # DeepInversion's CIFAR / ImageNet scripts
     jitter_of(hp, 0)  # checked here, before any work
-    if hp["kde_grid"] not in ("image", "batch"):
-        raise ValueError(f"kde_grid must be 'image' or 'batch', got {hp['kde_grid']!r}")
+    check_grid(hp["kde_grid"], "kde_grid")
     if hp["clip"] and (hp["mean"] is None or hp["std"] is None):  # the model's input normalisation
         from ..models.loading import input_config
 
